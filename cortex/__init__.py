@@ -1,0 +1,1 @@
+"""Cortex gateway: OpenAI/Anthropic HTTP in front of a NATS bus of neurons. Never imports torch."""

@@ -1,0 +1,5 @@
+"""``python -m cortex``: same as the ``cortex`` console script."""
+
+from cortex.cli import main
+
+main()

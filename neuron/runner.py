@@ -1,0 +1,315 @@
+"""Run one job: admission, prompt, generation on the model's thread, and the event stream.
+
+The stream is exactly: `JobAccepted` (seq 0) or an admission `JobFailed` (seq 0), then `TokenChunk`s
+with contiguous ``seq``, then one terminal `JobFinished`/`JobFailed`. Tokens are coalesced: each
+chunk carries everything the model produced since the previous publish (up to
+``chunk_max_tokens``), so a fast model sends few messages and a slow one sends each token at once.
+
+This is the only place in the neuron that catches broad exceptions: an engine failure becomes a
+`JobFailed` for this job, and the neuron takes the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import msgspec
+
+from bus_schema.errors import ErrorCode
+from bus_schema.messages import (
+    ChatMessage,
+    JobAccepted,
+    JobEvent,
+    JobFailed,
+    JobFinished,
+    JobRequest,
+    Timings,
+    TokenChunk,
+    Usage,
+)
+from neuron.engines.base import Finish, GenerationParams, LoadedModel, Step
+from neuron.errors import ChatTemplateError
+from neuron.residency import ModelSlot
+from neuron.settings import NeuronSettings
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[JobEvent], Awaitable[None]]
+_STARTED = object()
+_DONE = object()
+
+
+class JobLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every line with the job id."""
+
+    def process(
+        self, msg: object, kwargs: Mapping[str, object]
+    ) -> tuple[object, dict[str, object]]:
+        extra = self.extra or {}
+        return f"job={extra.get('job_id')} {msg}", dict(kwargs)
+
+
+class AdmissionError(Exception):
+    """The job is refused before acceptance; carries the `JobFailed` to send."""
+
+    def __init__(self, failure: JobFailed) -> None:
+        self.failure = failure
+        super().__init__(failure.message)
+
+
+def template_messages(messages: tuple[ChatMessage, ...]) -> list[dict[str, object]]:
+    """Bus chat messages → the dicts chat templates expect (tool-call arguments as objects)."""
+    out: list[dict[str, object]] = []
+    for message in messages:
+        item: dict[str, object] = {"role": message.role, "content": message.content or ""}
+        if message.name is not None:
+            item["name"] = message.name
+        if message.tool_call_id is not None:
+            item["tool_call_id"] = message.tool_call_id
+        if message.reasoning_content is not None:
+            item["reasoning_content"] = message.reasoning_content
+        if message.tool_calls:
+            calls: list[dict[str, object]] = []
+            for call in message.tool_calls:
+                try:
+                    arguments: object = json.loads(call.function.arguments or "{}")
+                except json.JSONDecodeError:
+                    arguments = call.function.arguments
+                calls.append(
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.function.name, "arguments": arguments},
+                    }
+                )
+            item["tool_calls"] = calls
+        out.append(item)
+    return out
+
+
+def prepare_prompt(model: LoadedModel, job: JobRequest) -> list[int]:
+    """Render (for chat jobs) and tokenise; blocking, CPU-bound (run off the loop).
+
+    Raises:
+        ChatTemplateError: the template refused the messages.
+    """
+    if job.prompt is not None:
+        return model.encode(job.prompt)
+    text = model.render_chat(
+        template_messages(job.messages), template_kwargs=job.chat_template_kwargs or None
+    )
+    return model.encode(text)
+
+
+def _fail(job: JobRequest, seq: int, code: ErrorCode, message: str, **extra: object) -> JobFailed:
+    return msgspec.structs.replace(
+        JobFailed(job_id=job.job_id, seq=seq, code=code, message=message),
+        **extra,
+    )
+
+
+class JobRunner:
+    """Runs jobs against resident models and publishes their streams."""
+
+    def __init__(self, settings: NeuronSettings) -> None:
+        self._settings = settings
+        self._cancels: dict[str, threading.Event] = {}
+        self._admitted = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def running(self) -> int:
+        return self._admitted
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask a running job to stop; False if it is not running here."""
+        event = self._cancels.get(job_id)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+    async def wait_idle(self, limit_s: float) -> bool:
+        """Wait until no job is admitted; False if ``limit_s`` passed first."""
+        try:
+            async with asyncio.timeout(limit_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def cancel_all(self) -> None:
+        for event in self._cancels.values():
+            event.set()
+
+    async def run(self, job: JobRequest, slot: ModelSlot | None, publish: Publish) -> None:
+        """Run ``job`` to its terminal event. Never raises except `CancelledError`."""
+        jlog = JobLog(log, {"job_id": job.job_id})
+        if slot is None or slot.model is None or slot.status != "loaded":
+            await publish(
+                _fail(job, 0, ErrorCode.MODEL_NOT_LOADED,
+                      f"model '{job.model}' not loaded on this neuron", retryable=True)
+            )
+            return
+        if self._admitted >= self._settings.max_jobs:
+            await publish(
+                _fail(job, 0, ErrorCode.OVERLOADED,
+                      f"neuron '{self._settings.name}' is at its limit of "
+                      f"{self._settings.max_jobs} jobs", retryable=True)
+            )
+            return
+        cancelled = threading.Event()
+        self._cancels[job.job_id] = cancelled
+        self._admitted += 1
+        self._idle.clear()
+        try:
+            await self._run_admitted(job, slot, slot.require(), publish, cancelled, jlog)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        except Exception:  # noqa: BLE001 - the one broad catch: a failing job must not kill the neuron
+            jlog.exception("job failed")
+        finally:
+            self._admitted -= 1
+            if not self._admitted:
+                self._idle.set()
+            self._cancels.pop(job.job_id, None)
+
+    async def _run_admitted(
+        self,
+        job: JobRequest,
+        slot: ModelSlot,
+        model: LoadedModel,
+        publish: Publish,
+        cancelled: threading.Event,
+        jlog: JobLog,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        accepted_at = time.monotonic()
+        context = model.info.context_length
+        try:
+            prompt_ids = await asyncio.to_thread(prepare_prompt, model, job)
+        except ChatTemplateError as exc:
+            await publish(_fail(job, 0, ErrorCode.TEMPLATE_ERROR, str(exc)))
+            return
+        limit = min(self._settings.max_prompt_tokens, context - 1)
+        if len(prompt_ids) > limit:
+            await publish(
+                _fail(job, 0, ErrorCode.PROMPT_TOO_LONG,
+                      f"prompt has {len(prompt_ids)} tokens but max is {limit}",
+                      prompt_tokens=len(prompt_ids), max_prompt_tokens=limit)
+            )
+            return
+        budget = context - len(prompt_ids)
+        max_tokens = min(job.params.max_tokens or budget, budget)
+        await publish(
+            JobAccepted(job_id=job.job_id, node=self._settings.name, model=job.model,
+                        prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
+        )
+        params = GenerationParams(
+            max_tokens=max_tokens,
+            temperature=job.params.temperature,
+            top_p=job.params.top_p,
+            top_k=job.params.top_k,
+            seed=job.params.seed,
+            stop=job.params.stop,
+            repetition_penalty=(
+                job.params.repetition_penalty
+                if job.params.repetition_penalty is not None
+                else self._settings.default_repetition_penalty
+            ),
+            repetition_window=self._settings.repetition_window,
+            presence_penalty=job.params.presence_penalty,
+            frequency_penalty=job.params.frequency_penalty,
+        )
+        queue: asyncio.Queue[Step | Finish | BaseException | object] = asyncio.Queue()
+        deadline = job.deadline
+
+        def produce() -> None:  # on the model's thread
+            loop.call_soon_threadsafe(queue.put_nowait, _STARTED)
+            try:
+                for item in model.generate(prompt_ids, params, cancelled):
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                    if deadline is not None and not cancelled.is_set() and time.time() > deadline:
+                        cancelled.set()
+            except BaseException as exc:  # noqa: BLE001 - surfaced on the loop as a JobFailed
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        slot.waiting += 1
+        started_at: float | None = None
+        future = loop.run_in_executor(slot.executor, produce)
+        seq = 0
+        finish: Finish | None = None
+        error: BaseException | None = None
+        pending_ids: list[int] = []
+        pending_text: list[str] = []
+        try:
+            while True:
+                item = await queue.get()
+                batch = [item]
+                while len(batch) < self._settings.chunk_max_tokens and not queue.empty():
+                    batch.append(queue.get_nowait())
+                for entry in batch:
+                    if entry is _STARTED:
+                        started_at = time.monotonic()
+                        slot.waiting -= 1
+                        slot.running += 1
+                    elif isinstance(entry, Step):
+                        pending_ids.append(entry.token_id)
+                        pending_text.append(entry.text)
+                    elif isinstance(entry, Finish):
+                        finish = entry
+                        pending_text.append(entry.text)
+                    elif isinstance(entry, BaseException):
+                        error = entry
+                text = "".join(pending_text)
+                if text:
+                    seq += 1
+                    await publish(TokenChunk(job_id=job.job_id, seq=seq, text=text,
+                                             token_ids=tuple(pending_ids)))
+                    pending_ids.clear()
+                    pending_text.clear()
+                if _DONE in batch:
+                    break
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        finally:
+            await asyncio.shield(future)
+            if started_at is None:
+                slot.waiting -= 1
+            else:
+                slot.running -= 1
+        seq += 1
+        if finish is None:
+            message = f"{type(error).__name__}: {error}" if error else "engine ended without result"
+            jlog.error("generation failed: %s", message, exc_info=error)
+            await publish(_fail(job, seq, ErrorCode.ENGINE_ERROR, message))
+            return
+        queue_s = (started_at or accepted_at) - accepted_at
+        reason = "cancelled" if finish.reason == "cancelled" else finish.reason
+        await publish(
+            JobFinished(
+                job_id=job.job_id,
+                seq=seq,
+                finish_reason=reason,
+                usage=Usage(prompt_tokens=len(prompt_ids),
+                            completion_tokens=finish.completion_tokens),
+                stop_sequence=finish.stop_sequence,
+                timings=Timings(queue_ms=queue_s * 1e3, prefill_ms=finish.prefill_seconds * 1e3,
+                                decode_ms=finish.decode_seconds * 1e3),
+            )
+        )
+        jlog.info(
+            "finished model=%s reason=%s prompt=%d completion=%d queue=%.0fms prefill=%.0fms "
+            "decode=%.0fms", job.model, reason, len(prompt_ids), finish.completion_tokens,
+            queue_s * 1e3, finish.prefill_seconds * 1e3, finish.decode_seconds * 1e3,
+        )

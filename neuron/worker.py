@@ -1,0 +1,385 @@
+"""The neuron's bus service: joins NATS, loads its models, takes jobs, reports its state.
+
+- For each resident model it subscribes ``cortex.job.<model>`` in queue group ``neurons`` (one
+  neuron takes each job) and ``cortex.node.<node>.job.<model>`` (directed jobs). Each job runs in
+  its own task; the subscription callback returns at once.
+- It publishes a `Heartbeat` every ``heartbeat_interval_s`` and answers ``cortex.fleet.discover``
+  with one immediately; model lifecycle changes go out as `Activation` events when they happen.
+- Control requests arrive on ``cortex.node.<node>.ctl.<verb>``.
+- Shutdown drains: stop taking jobs, let running ones finish (bounded), then drain the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, assert_never
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from bus_schema import codec
+from bus_schema.errors import ErrorCode
+from bus_schema.messages import (
+    Activation,
+    ActivationEventKind,
+    ActivationState,
+    CancelJob,
+    ControlReply,
+    ControlRequest,
+    DrainRequest,
+    FailedActivation,
+    Heartbeat,
+    JobEvent,
+    JobRequest,
+    LoadRequest,
+    PinRequest,
+    TokenizeRequest,
+    UnloadRequest,
+)
+from bus_schema.subjects import (
+    JOB_QUEUE_GROUP,
+    Headers,
+    activation_subject,
+    discover_subject,
+    heartbeat_subject,
+    job_subject,
+    node_job_subject,
+)
+from neuron.devices import discover_devices, host_info
+from neuron.engines.base import Engine
+from neuron.errors import ModelNotLoadedError, NeuronError
+from neuron.residency import Residency
+from neuron.runner import JobRunner, prepare_prompt
+from neuron.settings import ModelSpec, NeuronSettings
+
+log = logging.getLogger(__name__)
+
+#: Receives every activation this worker publishes (the CLI draws progress bars from them).
+ActivationListener = Callable[[Activation], None]
+
+
+def _package_version() -> str:
+    try:
+        return version("cortex-fleet")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class Worker:
+    """One neuron on the bus."""
+
+    def __init__(
+        self,
+        settings: NeuronSettings,
+        engine: Engine,
+        *,
+        on_activation: ActivationListener | None = None,
+    ) -> None:
+        self.settings = settings
+        self._engine = engine
+        self._on_activation = on_activation
+        self._nc: NatsClient | None = None
+        self._residency = Residency(engine, self._activation, hf_cache=settings.hf_cache)
+        self._runner = JobRunner(settings)
+        self._job_subs: dict[str, list[Subscription]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._seq = 0
+        self._started_at = time.time()
+        self._draining = False
+        self._pending: list[str] = [m.source for m in settings.models]
+        self._in_progress: list[str] = []
+        self._completed: list[str] = []
+        self._failed: list[FailedActivation] = []
+        self.ready = asyncio.Event()
+        """Set once every start-up model has been loaded or has failed."""
+
+    @property
+    def residency(self) -> Residency:
+        return self._residency
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise RuntimeError("worker not connected")
+        return self._nc
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then drain. Joins the bus before loading models."""
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.shutdown()
+
+    async def start(self) -> None:
+        """Connect, subscribe, start heartbeats, then load the start-up models in the background."""
+        s = self.settings
+        self._nc = await nats.connect(
+            s.nats_url,
+            name=f"neuron:{s.name}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            ping_interval=5,
+            max_outstanding_pings=3,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            closed_cb=self._on_closed,
+        )
+        await self.nc.subscribe(discover_subject(root=s.root), cb=self._handle_discover)
+        await self.nc.subscribe(f"{s.root}.node.{s.name}.ctl.*", cb=self._handle_control)
+        self._spawn(self._heartbeat_loop())
+        self._spawn(self._prewarm(s.models))
+        log.info("neuron %s joined the bus at %s (root %s)", s.name, s.nats_url, s.root)
+
+    async def shutdown(self) -> None:
+        """Stop taking jobs, finish running ones within the drain timeout, leave the bus."""
+        if self._nc is None:
+            return
+        self._draining = True
+        self._activation("stopping", None, None, "")
+        for subs in self._job_subs.values():
+            for sub in subs:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+        self._job_subs.clear()
+        if not await self._runner.wait_idle(self.settings.drain_timeout_s):
+            log.warning("jobs still running after %.0fs; cancelling them",
+                        self.settings.drain_timeout_s)
+        self._runner.cancel_all()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.drain()
+        self._nc = None
+        await self._residency.close()
+        log.info("neuron %s left the bus", self.settings.name)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ models
+
+    async def _prewarm(self, specs: tuple[ModelSpec, ...]) -> None:
+        for spec in specs:
+            self._pending.remove(spec.source)
+            self._in_progress.append(spec.source)
+            try:
+                await self.load(spec)
+            except NeuronError as exc:
+                log.error("start-up model %s failed to load: %s", spec.source, exc)
+                self._failed.append(FailedActivation(model_id=spec.source, error=str(exc)))
+            else:
+                self._completed.append(spec.source)
+            finally:
+                self._in_progress.remove(spec.source)
+        self.ready.set()
+        await self._publish_heartbeat()
+
+    async def load(self, spec: ModelSpec) -> str:
+        """Load a model and start serving it; returns its canonical id.
+
+        Raises:
+            NeuronError: resolving or loading failed.
+        """
+        slot = await self._residency.load(spec)
+        s = self.settings
+        subs = [
+            await self.nc.subscribe(
+                job_subject(slot.model_id, root=s.root), queue=JOB_QUEUE_GROUP, cb=self._handle_job
+            ),
+            await self.nc.subscribe(
+                node_job_subject(s.name, slot.model_id, root=s.root), cb=self._handle_job
+            ),
+        ]
+        self._job_subs[slot.model_id] = subs
+        await self.nc.flush()  # interest is registered before anyone hears "ready"
+        await self._publish_heartbeat()
+        return slot.model_id
+
+    async def unload(self, model_id: str) -> None:
+        """Stop serving a model and release it.
+
+        Raises:
+            ModelNotLoadedError: not held here.
+        """
+        for sub in self._job_subs.pop(model_id, []):
+            await sub.unsubscribe()
+        await self._residency.unload(model_id)
+        await self._publish_heartbeat()
+
+    # ------------------------------------------------------------------ jobs
+
+    async def _handle_job(self, msg: Msg) -> None:
+        try:
+            job = codec.decode_job_request(msg.data)
+        except codec.BusDecodeError as exc:
+            log.warning("undecodable job on %s: %s", msg.subject, exc)
+            return
+        if not msg.reply:
+            log.warning("job=%s has no reply subject; dropped", job.job_id)
+            return
+        self._spawn(self._run_job(job, msg.reply))
+
+    async def _run_job(self, job: JobRequest, reply: str) -> None:
+        headers = {Headers.JOB_ID: job.job_id, Headers.NODE: self.settings.name}
+        nc = self.nc
+
+        async def publish(event: JobEvent) -> None:
+            await nc.publish(reply, codec.encode(event), headers=headers)
+
+        await self._runner.run(job, self._residency.get(job.model), publish)
+
+    # ------------------------------------------------------------------ fleet state
+
+    def heartbeat(self) -> Heartbeat:
+        """This neuron's full state now."""
+        self._seq += 1
+        activation = ActivationState(
+            state="pre_warming" if not self.ready.is_set() else "ready",
+            pending=tuple(self._pending),
+            in_progress=tuple(self._in_progress),
+            completed=tuple(self._completed),
+            failed=tuple(self._failed),
+        )
+        return Heartbeat(
+            node=self.settings.name,
+            seq=self._seq,
+            sent_at=time.time(),
+            interval_s=self.settings.heartbeat_interval_s,
+            started_at=self._started_at,
+            version=_package_version(),
+            host=host_info(),
+            devices=discover_devices(),
+            models=self._residency.snapshot(),
+            activation=activation,
+            jobs_running=self._runner.running,
+            max_jobs=self.settings.max_jobs,
+            draining=self._draining,
+        )
+
+    async def _publish_heartbeat(self) -> None:
+        if self._nc is None or self._nc.is_closed:
+            return
+        await self._nc.publish(
+            heartbeat_subject(self.settings.name, root=self.settings.root),
+            codec.encode(self.heartbeat()),
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._publish_heartbeat()
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def _handle_discover(self, msg: Msg) -> None:
+        if msg.reply:
+            await self.nc.publish(msg.reply, codec.encode(self.heartbeat()))
+
+    def _activation(
+        self, event: ActivationEventKind, model: str | None, progress: float | None, message: str
+    ) -> None:
+        activation = Activation(
+            node=self.settings.name, event=event, model=model, at=time.time(),
+            progress=progress, message=message,
+        )
+        if self._on_activation is not None:
+            self._on_activation(activation)
+        log.log(logging.DEBUG if event == "progress" else logging.INFO,
+                "activation %s model=%s %s", event, model, message)
+        if self._nc is not None and not self._nc.is_closed:
+            self._spawn(
+                self._nc.publish(
+                    activation_subject(self.settings.name, root=self.settings.root),
+                    codec.encode(activation),
+                )
+            )
+
+    # ------------------------------------------------------------------ control
+
+    async def _handle_control(self, msg: Msg) -> None:
+        try:
+            request = codec.decode_control_request(msg.data)
+        except codec.BusDecodeError as exc:
+            reply = ControlReply(status=400, code=ErrorCode.INVALID_REQUEST, message=str(exc))
+        else:
+            reply = await self._control(request)
+        if msg.reply:
+            await self.nc.publish(msg.reply, codec.encode(reply))
+
+    async def _control(self, request: ControlRequest) -> ControlReply:
+        match request:
+            case CancelJob(job_id=job_id):
+                found = self._runner.cancel(job_id)
+                return ControlReply(status=200 if found else 404,
+                                    message="cancelled" if found else f"job '{job_id}' not running")
+            case LoadRequest():
+                return await self._control_load(request)
+            case UnloadRequest(model_id=model_id):
+                try:
+                    await self.unload(model_id)
+                except ModelNotLoadedError:
+                    return ControlReply(status=404, code=ErrorCode.NOT_FOUND, model=model_id,
+                                        message=f"model '{model_id}' not found on any harness")
+                return ControlReply(status=200, model=model_id, message="unloaded")
+            case TokenizeRequest():
+                return await self._control_tokenize(request)
+            case DrainRequest():
+                self._draining = True
+                self._activation("draining", None, None, "")
+                return ControlReply(status=200, message="draining")
+            case PinRequest():
+                return ControlReply(status=501, message="pin is not implemented yet")
+            case _:
+                assert_never(request)
+
+    async def _control_load(self, request: LoadRequest) -> ControlReply:
+        if request.harness != self._engine.name:
+            return ControlReply(status=400, code=ErrorCode.LOAD_FAILED,
+                                message=f"unknown harness: {request.harness}")
+        spec = ModelSpec(source=request.model_id, quant=request.quant, pinned=request.pinned)
+        try:
+            model_id = await self.load(spec)
+        except NeuronError as exc:
+            return ControlReply(status=400, code=ErrorCode.LOAD_FAILED, message=str(exc))
+        return ControlReply(status=200, model=model_id, message="loaded")
+
+    async def _control_tokenize(self, request: TokenizeRequest) -> ControlReply:
+        slot = self._residency.get(request.model)
+        if slot is None or slot.model is None:
+            return ControlReply(status=404, code=ErrorCode.MODEL_NOT_LOADED, model=request.model,
+                                message=f"model '{request.model}' not loaded on this neuron")
+        job = JobRequest(job_id="tokenize", model=request.model, messages=request.messages,
+                         prompt=request.prompt)
+        try:
+            ids = await asyncio.to_thread(prepare_prompt, slot.model, job)
+        except NeuronError as exc:
+            return ControlReply(status=400, code=ErrorCode.TEMPLATE_ERROR, message=str(exc))
+        return ControlReply(status=200, model=request.model, tokens=len(ids))
+
+    # ------------------------------------------------------------------ connection events
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS error: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        if not self._draining:
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS")
+        await self._publish_heartbeat()
+
+    async def _on_closed(self) -> None:
+        log.info("NATS connection closed")

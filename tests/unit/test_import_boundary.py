@@ -1,0 +1,30 @@
+"""The gateway and the contract must never pull in torch or the neuron."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_gateway_imports_neither_torch_nor_neuron() -> None:
+    code = (
+        "import sys, bus_schema, bus_schema.codec, cortex.app, cortex.cli, cortex.stack;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'neuron', "
+        "'ctransformers', 'numpy'));"
+        "print(','.join(bad)); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, f"gateway imported: {result.stdout} {result.stderr}"
+
+
+def test_bus_schema_depends_only_on_msgspec() -> None:
+    code = (
+        "import sys; before = set(sys.modules); import bus_schema.codec, bus_schema.subjects;"  # msgspec may load typing_extensions
+        "new = {m.split('.')[0] for m in set(sys.modules) - before};"
+        "extra = new - {'bus_schema', 'msgspec', 'typing_extensions'} - set(sys.stdlib_module_names);"
+        "print(sorted(extra)); sys.exit(1 if extra else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
