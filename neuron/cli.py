@@ -167,7 +167,19 @@ async def _serve(settings: NeuronSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await worker.run(stop)
+    await worker.start()
+    try:
+        stopping = asyncio.ensure_future(stop.wait())
+        prewarmed = asyncio.ensure_future(worker.ready.wait())
+        await asyncio.wait({stopping, prewarmed}, return_when=asyncio.FIRST_COMPLETED)
+        prewarmed.cancel()
+        if worker.ready.is_set() and settings.models and not worker.residency.loaded():
+            log.error("none of the start-up models could be loaded; exiting")
+            stopping.cancel()
+            return 1
+        await stopping
+    finally:
+        await worker.shutdown()
     return 0
 
 

@@ -297,7 +297,7 @@ class Worker:
         if self._on_activation is not None:
             self._on_activation(activation)
         log.log(logging.DEBUG if event == "progress" else logging.INFO,
-                "activation %s model=%s %s", event, model, message)
+                "activation %s%s %s", event, f" model={model}" if model else "", message)
         if self._nc is not None and not self._nc.is_closed:
             self._spawn(
                 self._nc.publish(

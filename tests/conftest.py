@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cortex.embedded_nats import EmbeddedNatsServer, find_nats_server
+from tests.support.tiny_models import TinyModel, build_tiny_llama
 
 
 @pytest.fixture(scope="session")
@@ -39,10 +40,8 @@ def subject_root() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> object:
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """A tiny random-weight llama model as a safetensors folder and as GGUF (same weights)."""
-    from tests.support.tiny_models import build_tiny_llama
-
     return build_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
 

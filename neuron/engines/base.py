@@ -146,8 +146,8 @@ class LoadedModel(Protocol):
     ) -> Iterator[Step | Finish]:
         """Generate from ``prompt_ids``; blocking; call on the model's thread.
 
-        Yields one `Step` per sampled token (stop tokens are never yielded) and ends with exactly one
-        `Finish`. Checks ``cancelled`` between steps and finishes with reason ``cancelled``.
+        Yields one `Step` per sampled token (stop tokens are never yielded) and ends with exactly
+        one `Finish`. Checks ``cancelled`` between steps and finishes with reason ``cancelled``.
         Generation never exceeds ``params.max_tokens`` nor the model's context length (``length``).
         """
         ...

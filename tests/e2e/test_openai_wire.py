@@ -186,9 +186,7 @@ def test_disconnect_mid_stream_cancels_the_job_on_the_neuron(
         stream = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "go"}], stream=True
         )
-        received = 0
-        for _chunk in stream:
-            received += 1
+        for received, _chunk in enumerate(stream, start=1):
             if received == 3:
                 break
         stream.close()

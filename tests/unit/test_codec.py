@@ -126,8 +126,6 @@ def test_current_messages_decode_with_the_v1_shape() -> None:
     ],
 )
 def test_bad_payloads_raise_a_decode_error(data: bytes, fragment: str) -> None:
+    decode = codec.decode_job_request if b'"job"' in data else codec.decode_job_event
     with pytest.raises(codec.BusDecodeError, match=fragment):
-        if b'"job"' in data:
-            codec.decode_job_request(data)
-        else:
-            codec.decode_job_event(data)
+        decode(data)

