@@ -84,5 +84,6 @@ def create_app(settings: GatewaySettings, *, nats_url: str) -> Litestar:
         },
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
+        logging_config=None,  # only the CLI configures logging
         debug=False,
     )

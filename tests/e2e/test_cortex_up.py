@@ -63,12 +63,12 @@ def test_cortex_up_serves_and_stops_cleanly_on_ctrl_c(
     base_url, proc = cortex_up
     model = wait_until_serving(base_url, proc, timeout=90)
     assert model == "tiny/llama"
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
-    stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "hello"}], stream=True, max_tokens=8,
-        temperature=0,
-    )
-    chunks = list(stream)
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as client:
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hello"}], stream=True,
+            max_tokens=8, temperature=0,
+        )
+        chunks = list(stream)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=40)

@@ -37,8 +37,9 @@ def stack(
 
 
 @pytest.fixture
-def client(stack: LocalStack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+def client(stack: LocalStack) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
 
 
 def test_non_streaming_completion(client: openai.OpenAI) -> None:
@@ -190,6 +191,7 @@ def test_disconnect_mid_stream_cancels_the_job_on_the_neuron(
             if received == 3:
                 break
         stream.close()
+        client.close()
         assert stack.worker is not None
         runner = stack.worker._runner
         deadline = time.monotonic() + 3  # the script alone would run for 10 s

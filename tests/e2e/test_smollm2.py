@@ -28,7 +28,9 @@ def client(nats_server: EmbeddedNatsServer) -> Iterator[openai.OpenAI]:
         nats_url=nats_server.url, root="e2e-smollm2", engine=TorchEngine(device="cpu"),
         models=[ModelSpec(source=str(smollm2_path()), served_name=DEFAULT_MODEL_ID)],
     ) as stack:
-        yield openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+        with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused",
+                           max_retries=0) as client:
+            yield client
 
 
 @pytest.mark.timeout(180)

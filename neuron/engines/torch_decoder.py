@@ -1,0 +1,364 @@
+"""A compact decoder-only transformer for the Llama / SmolLM / Qwen2 / Qwen3 families.
+
+RMSNorm, rotary position embeddings (rotate-half form, as in transformers), grouped-query
+attention through ``scaled_dot_product_attention(enable_gqa=True)``, a SwiGLU MLP and optionally
+tied embeddings. Qwen2's q/k/v biases and Qwen3's per-head q/k norms are used when configured.
+
+The forward pass works on a *batch of sequences*, each with its own `KVCache`: the new tokens of
+all sequences are concatenated into one flat row of tokens, so every linear layer runs once for
+the whole batch, and only attention is computed per sequence (each against its own cache, at its
+own positions). A single sequence is a batch of one; continuous batching only has to build the
+batch. Parameter names follow transformers' ``LlamaForCausalLM`` minus the ``model.`` prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuron.errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """RoPE frequency scaling (``rope_scaling`` in config.json)."""
+
+    kind: str
+    """``linear`` or ``llama3``."""
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context_length: int = 8192
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """Shape and numerics of a decoder; built from config.json or GGUF metadata."""
+
+    architecture: str
+    """``llama``, ``qwen2`` or ``qwen3`` (informational; the flags below drive the maths)."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    context_length: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    """q/k/v projections carry biases (Qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm over each head of q and k before RoPE (Qwen3)."""
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedArchitectureError(
+                self.architecture,
+                "torch",
+                f"{self.num_heads} attention heads are not a multiple of {self.num_kv_heads} "
+                "key/value heads",
+            )
+        if self.head_dim % 2:
+            raise UnsupportedArchitectureError(
+                self.architecture, "torch", f"odd head dimension {self.head_dim}"
+            )
+
+
+class KVCache:
+    """Keys and values of one sequence, preallocated for ``capacity`` positions.
+
+    ``k`` and ``v`` have shape ``[layers, kv_heads, capacity, head_dim]``; positions
+    ``[0, length)`` are filled.
+    """
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        capacity: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        """Allocate a cache for ``capacity`` positions (prompt plus generated tokens)."""
+        if capacity < 1:
+            raise ValueError("KV cache capacity must be positive")
+        shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.capacity = capacity
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache takes on its device."""
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class _Linear(nn.Linear):
+    """`nn.Linear` without random initialisation: weights always come from a checkpoint."""
+
+    def reset_parameters(self) -> None:
+        """Skip initialisation (it is wasted work, and slow on the meta device)."""
+
+
+class _Embedding(nn.Embedding):
+    """`nn.Embedding` without random initialisation: weights always come from a checkpoint."""
+
+    def reset_parameters(self) -> None:
+        """Skip initialisation (it is wasted work, and slow on the meta device)."""
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 like transformers' LlamaRMSNorm."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings and a per-sequence KV cache."""
+
+    def __init__(self, config: DecoderConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        q_size = config.num_heads * config.head_dim
+        kv_size = config.num_kv_heads * config.head_dim
+        bias = config.attention_bias
+        self.q_proj = _Linear(config.hidden_size, q_size, bias=bias)
+        self.k_proj = _Linear(config.hidden_size, kv_size, bias=bias)
+        self.v_proj = _Linear(config.hidden_size, kv_size, bias=bias)
+        self.o_proj = _Linear(q_size, config.hidden_size, bias=False)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        caches: Sequence[KVCache],
+        counts: Sequence[int],
+    ) -> torch.Tensor:
+        """Attend ``x`` (``[tokens, hidden]``, the sequences' new tokens back to back)."""
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q = _apply_rope(q, cos, sin)
+        k = _apply_rope(k, cos, sin)
+        outputs: list[torch.Tensor] = []
+        offset = 0
+        for cache, count in zip(caches, counts, strict=True):
+            start = cache.length
+            end = start + count
+            layer_k = cache.k[self.layer_index]
+            layer_v = cache.v[self.layer_index]
+            layer_k[:, start:end] = k[offset : offset + count].transpose(0, 1)
+            layer_v[:, start:end] = v[offset : offset + count].transpose(0, 1)
+            q_seq = q[offset : offset + count].transpose(0, 1).unsqueeze(0)
+            keys = layer_k[:, :end].unsqueeze(0)
+            values = layer_v[:, :end].unsqueeze(0)
+            if count == 1:  # one new token attends to everything cached
+                out = F.scaled_dot_product_attention(q_seq, keys, values, enable_gqa=True)
+            elif start == 0:
+                out = F.scaled_dot_product_attention(
+                    q_seq, keys, values, is_causal=True, enable_gqa=True
+                )
+            else:  # a later prefill chunk: causal, offset by what the cache already holds
+                rows = torch.arange(start, end, device=x.device).unsqueeze(1)
+                mask = torch.arange(end, device=x.device).unsqueeze(0) <= rows
+                out = F.scaled_dot_product_attention(
+                    q_seq, keys, values, attn_mask=mask, enable_gqa=True
+                )
+            outputs.append(out.squeeze(0).transpose(0, 1).reshape(count, -1))
+            offset += count
+        attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        projected: torch.Tensor = self.o_proj(attended)
+        return projected
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = _Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = _Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = _Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, config: DecoderConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        caches: Sequence[KVCache],
+        counts: Sequence[int],
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, caches, counts)
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
+
+
+class DecoderModel(nn.Module):
+    """The whole decoder: embeddings, blocks, final norm and LM head.
+
+    Linear and embedding weights start uninitialised: build it on the ``meta`` device and fill
+    it from a checkpoint (`torch_weights`).
+    """
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = _Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = _Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head (``tie_word_embeddings``)."""
+        self.lm_head.weight = self.embed_tokens.weight
+
+    def new_cache(self, capacity: int) -> KVCache:
+        """A KV cache for one sequence of up to ``capacity`` positions, on the model's device."""
+        weight = self.embed_tokens.weight
+        return KVCache(self.config, capacity, device=weight.device, dtype=weight.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        caches: Sequence[KVCache],
+        counts: Sequence[int],
+        *,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Run the new tokens of a batch of sequences and append them to their caches.
+
+        Args:
+            input_ids: ``[tokens]`` (int64): each sequence's new tokens, back to back.
+            caches: one cache per sequence; each must have room for its new tokens.
+            counts: how many of ``input_ids`` belong to each sequence (each >= 1).
+            all_logits: return logits for every token instead of each sequence's last one.
+
+        Returns:
+            float32 logits, ``[sequences, vocab]`` (or ``[tokens, vocab]`` with ``all_logits``).
+        """
+        if len(caches) != len(counts) or sum(counts) != input_ids.shape[0]:
+            raise ValueError("caches, counts and input_ids disagree")
+        for cache, count in zip(caches, counts, strict=True):
+            if count < 1 or cache.length + count > cache.capacity:
+                raise ValueError(
+                    f"{count} new tokens do not fit a cache at {cache.length}/{cache.capacity}"
+                )
+        positions = torch.cat(
+            [
+                torch.arange(c.length, c.length + n, device=input_ids.device)
+                for c, n in zip(caches, counts, strict=True)
+            ]
+        )
+        x = self.embed_tokens(input_ids)
+        cos, sin = self._rope_tables(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, caches, counts)
+        for cache, count in zip(caches, counts, strict=True):
+            cache.length += count
+        if not all_logits:
+            last = torch.tensor(list(accumulate(counts)), device=x.device) - 1
+            x = x[last]
+        logits: torch.Tensor = self.lm_head(self.norm(x))
+        return logits.float()
+
+    def _rope_tables(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        assert isinstance(inv_freq, torch.Tensor)
+        freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [tokens, 1, head_dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on ``[tokens, heads, head_dim]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_inverse_frequencies(
+    config: DecoderConfig, freq_factors: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RoPE inverse frequencies (float32, ``[head_dim / 2]``), with the configured scaling.
+
+    Args:
+        config: the decoder's configuration.
+        freq_factors: per-frequency divisors (GGUF ``rope_freqs.weight``, llama3-style scaling
+            baked in by llama.cpp's converter); replaces ``config.rope_scaling``.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
+    )
+    if freq_factors is not None:
+        return (inv_freq / freq_factors.to("cpu", torch.float64)).float()
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq.float()
+    if scaling.kind == "linear":
+        return (inv_freq / scaling.factor).float()
+    if scaling.kind == "llama3":
+        low_wavelen = scaling.original_context_length / scaling.low_freq_factor
+        high_wavelen = scaling.original_context_length / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (scaling.original_context_length / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled).float()
+    raise UnsupportedArchitectureError(
+        config.architecture, "torch", f"rope_scaling type {scaling.kind!r} is not implemented"
+    )
