@@ -22,6 +22,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from bus_schema import codec
+from bus_schema.connection import parse_nats_urls
 from bus_schema.messages import (
     PROTOCOL_VERSION,
     CancelJob,
@@ -188,9 +189,16 @@ class GatewayBus:
         return self._nc.max_payload if self._nc is not None else 0
 
     async def connect(self, url: str) -> None:
-        """Connect, follow heartbeats and activations, and ask the fleet to report in."""
+        """Connect, follow heartbeats and activations, and ask the fleet to report in.
+
+        ``url`` may list several servers (comma-separated); credentials in it apply to all.
+        """
+        endpoint = parse_nats_urls(url)
         self._nc = await nats.connect(
-            url,
+            servers=list(endpoint.servers),
+            user=endpoint.user,
+            password=endpoint.password,
+            token=endpoint.token,
             name=f"cortex:{self.settings.gateway_id}",
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
@@ -208,7 +216,7 @@ class GatewayBus:
         await self._nc.subscribe(f"{self._inbox}.discover", cb=self._on_fleet)
         await self.discover()
         log.info("gateway %s connected to %s (max payload %d bytes)",
-                 self.settings.gateway_id, url, self._nc.max_payload)
+                 self.settings.gateway_id, endpoint.redacted(), self._nc.max_payload)
 
     async def discover(self) -> None:
         """Ask every neuron for its heartbeat now; answers arrive on our discover inbox."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from bus_schema.connection import parse_nats_urls
 from bus_schema.subjects import DEFAULT_ROOT, check_root
 
 
@@ -38,6 +39,8 @@ class GatewaySettings:
 
     def __post_init__(self) -> None:
         check_root(self.root)
+        if self.nats_url is not None:
+            parse_nats_urls(self.nats_url)
         if not 0 < self.port < 65536:
             raise ValueError(f"invalid port {self.port}")
         for name in ("accept_timeout_s", "stream_idle_timeout_s", "keepalive_interval_s",

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bus_schema.connection import parse_nats_urls
 from bus_schema.subjects import DEFAULT_ROOT, check_node_name, check_root
 
 
@@ -56,6 +57,7 @@ class NeuronSettings:
     def __post_init__(self) -> None:
         check_node_name(self.name)
         check_root(self.root)
+        parse_nats_urls(self.nats_url)
         if self.heartbeat_interval_s <= 0:
             raise ValueError("heartbeat interval must be positive")
         if self.max_jobs < 1:

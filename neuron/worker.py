@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus_schema import codec
+from bus_schema.connection import parse_nats_urls
 from bus_schema.errors import ErrorCode
 from bus_schema.messages import (
     Activation,
@@ -123,8 +124,12 @@ class Worker:
     async def start(self) -> None:
         """Connect, subscribe, start heartbeats, then load the start-up models in the background."""
         s = self.settings
+        endpoint = parse_nats_urls(s.nats_url)
         self._nc = await nats.connect(
-            s.nats_url,
+            servers=list(endpoint.servers),
+            user=endpoint.user,
+            password=endpoint.password,
+            token=endpoint.token,
             name=f"neuron:{s.name}",
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
@@ -139,7 +144,7 @@ class Worker:
         await self.nc.subscribe(f"{s.root}.node.{s.name}.ctl.*", cb=self._handle_control)
         self._spawn(self._heartbeat_loop())
         self._spawn(self._prewarm(s.models))
-        log.info("neuron %s joined the bus at %s (root %s)", s.name, s.nats_url, s.root)
+        log.info("neuron %s joined the bus at %s (root %s)", s.name, endpoint.redacted(), s.root)
 
     async def shutdown(self) -> None:
         """Stop taking jobs, finish running ones within the drain timeout, leave the bus."""

@@ -30,7 +30,7 @@ MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "What is the capital of France?"},
 ]
-GREEDY = {"temperature": 0, "max_tokens": 24, "extra_body": {"repetition_penalty": 1.0}}
+NO_PENALTY = {"repetition_penalty": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,8 @@ def test_greedy_answer_through_the_gateway_equals_the_engine(
     client: openai.OpenAI, direct_answer: tuple[str, int, int]
 ) -> None:
     text, prompt_tokens, completion_tokens = direct_answer
-    reply = client.chat.completions.create(model=FOLDER_ID, messages=MESSAGES, **GREEDY)
+    reply = client.chat.completions.create(model=FOLDER_ID, messages=MESSAGES, temperature=0,
+                                           max_tokens=24, extra_body=NO_PENALTY)
     assert reply.choices[0].message.content == text
     assert reply.usage is not None
     assert reply.usage.prompt_tokens == prompt_tokens
@@ -84,7 +85,7 @@ def test_streaming_gives_the_same_text_as_non_streaming(
 ) -> None:
     stream = client.chat.completions.create(
         model=FOLDER_ID, messages=MESSAGES, stream=True, stream_options={"include_usage": True},
-        **GREEDY,
+        temperature=0, max_tokens=24, extra_body=NO_PENALTY,
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -96,14 +97,15 @@ def test_streaming_gives_the_same_text_as_non_streaming(
 def test_gguf_and_safetensors_of_the_same_weights_answer_alike(
     client: openai.OpenAI, direct_answer: tuple[str, int, int]
 ) -> None:
-    reply = client.chat.completions.create(model=GGUF_ID, messages=MESSAGES, **GREEDY)
+    reply = client.chat.completions.create(model=GGUF_ID, messages=MESSAGES, temperature=0,
+                                           max_tokens=24, extra_body=NO_PENALTY)
     assert reply.choices[0].message.content == direct_answer[0]
 
 
 def test_max_tokens_cuts_with_finish_reason_length(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=FOLDER_ID, messages=MESSAGES, temperature=0, max_tokens=3,
-        extra_body={"repetition_penalty": 1.0},
+        extra_body=NO_PENALTY,
     )
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage is not None and reply.usage.completion_tokens == 3
@@ -116,7 +118,7 @@ def test_stop_string_cuts_before_the_match(
     assert len(text) > 6, "the tiny model's greedy answer is too short to cut"
     stop = text[4:7]
     reply = client.chat.completions.create(model=FOLDER_ID, messages=MESSAGES, stop=[stop],
-                                           **GREEDY)
+                                           temperature=0, max_tokens=24, extra_body=NO_PENALTY)
     assert reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].message.content == text[: text.index(stop)]
 
