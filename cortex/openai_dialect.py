@@ -151,11 +151,6 @@ def to_job(
     )
 
 
-def finish_reason(reason: str) -> str:
-    """Bus finish reasons are already OpenAI's (stop, length)."""
-    return reason
-
-
 def completion(
     *, completion_id: str, created: int, model: str, text: str, reason: str,
     prompt_tokens: int, completion_tokens: int,
@@ -167,7 +162,7 @@ def completion(
             created=created,
             model=model,
             choices=[Choice(index=0, message=AssistantMessage(content=text),
-                            finish_reason=finish_reason(reason))],
+                            finish_reason=reason)],
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens),
         )
@@ -201,7 +196,7 @@ class ChunkWriter:
 
     def finish(self, reason: str) -> bytes:
         return self._chunk([ChunkChoice(index=0, delta=Delta(),
-                                        finish_reason=finish_reason(reason))])
+                                        finish_reason=reason)])
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         """The ``choices: []`` usage chunk (only with ``stream_options.include_usage``)."""

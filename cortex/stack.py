@@ -69,9 +69,8 @@ class StackOptions:
     log_level: str = "info"
 
 
-def neuron_command(options: StackOptions, nats_url: str) -> list[str]:
+def neuron_command(options: StackOptions, model: Path, nats_url: str) -> list[str]:
     """The neuron child's command line."""
-    model = options.model or default_model_path()
     served_name = options.served_name or (None if options.model else DEFAULT_MODEL_ID)
     cmd = [
         sys.executable, "-m", "neuron",
@@ -90,7 +89,7 @@ def run_stack(options: StackOptions) -> int:
     """Run until Ctrl-C or until the neuron exits; returns the exit code."""
     if options.model is not None and not options.model.exists():
         raise StackError(f"model path '{options.model}' does not exist")
-    neuron_command(options, "nats://127.0.0.1")  # fail fast on a missing default model
+    model = options.model or default_model_path()
     # uvicorn handles SIGINT/SIGTERM while it serves, then restores these handlers and re-raises
     # the signal: make that a no-op so the neuron and the server are still stopped in order.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -100,7 +99,7 @@ def run_stack(options: StackOptions) -> int:
     neuron: subprocess.Popen[bytes] | None = None
     try:
         neuron = subprocess.Popen(
-            neuron_command(options, address.url),
+            neuron_command(options, model, address.url),
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # we stop it ourselves, after the gateway
         )

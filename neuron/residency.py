@@ -19,7 +19,7 @@ from bus_schema.messages import ActivationEventKind, ResidentModel
 from neuron.engines.base import Engine, LoadedModel
 from neuron.errors import ModelNotLoadedError, NeuronError
 from neuron.settings import ModelSpec
-from neuron.sources import ModelSourceId, ResolvedModel, resolve_model
+from neuron.sources import ResolvedModel, default_served_name, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,7 @@ class ModelSlot:
 
 def served_id(spec: ModelSpec) -> str:
     """The canonical id a spec will be served under, known before resolving it."""
-    if spec.served_name:
-        return spec.served_name
-    path = Path(spec.source).expanduser()
-    if path.exists():
-        return f"local/{path.stem if path.is_file() else path.name}"
-    return ModelSourceId.parse(spec.source).repo_path()
+    return spec.served_name or default_served_name(spec.source)
 
 
 class Residency:

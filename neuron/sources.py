@@ -98,6 +98,19 @@ class ResolvedModel:
     """``file`` for local paths, else the hub scheme (``huggingface``)."""
 
 
+def default_served_name(spec: str) -> str:
+    """The canonical id ``spec`` is served under when the operator names none: the hub id's
+    ``org/name``, or ``local/<name>`` for a local file or folder.
+
+    Raises:
+        ModelIdError: ``spec`` is neither an existing path nor a valid model id.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        return f"local/{path.stem if path.is_file() else path.name}"
+    return ModelSourceId.parse(spec).repo_path()
+
+
 def resolve_model(
     spec: str,
     *,
@@ -119,7 +132,7 @@ def resolve_model(
     """
     path = Path(spec).expanduser()
     if path.exists():
-        model_id = served_name or f"local/{path.stem if path.is_file() else path.name}"
+        model_id = served_name or default_served_name(spec)
         return ResolvedModel(files=local_model_files(path, model_id, quant=quant), source="file")
     if spec.startswith(("/", "./", "../", "~")):
         raise ModelSourceError(f"model path '{spec}' does not exist")

@@ -150,13 +150,8 @@ class Worker:
         """Stop taking jobs, finish running ones within the drain timeout, leave the bus."""
         if self._nc is None:
             return
-        self._draining = True
         self._activation("stopping", None, None, "")
-        for subs in self._job_subs.values():
-            for sub in subs:
-                with contextlib.suppress(nats.errors.Error):
-                    await sub.unsubscribe()
-        self._job_subs.clear()
+        await self._stop_taking_jobs()
         if not await self._runner.wait_idle(self.settings.drain_timeout_s):
             log.warning("jobs still running after %.0fs; cancelling them",
                         self.settings.drain_timeout_s)
@@ -169,6 +164,16 @@ class Worker:
         self._nc = None
         await self._residency.close()
         log.info("neuron %s left the bus", self.settings.name)
+
+    async def _stop_taking_jobs(self) -> None:
+        """Leave every job subject: new jobs go to other neurons (or get no-responders)."""
+        self._draining = True
+        for subs in self._job_subs.values():
+            for sub in subs:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+        self._job_subs.clear()
+        await self._publish_heartbeat()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -201,6 +206,8 @@ class Worker:
         """
         slot = await self._residency.load(spec)
         s = self.settings
+        if self._draining:
+            return slot.model_id  # resident, but this neuron takes no new jobs
         subs = [
             await self.nc.subscribe(
                 job_subject(slot.model_id, root=s.root), queue=JOB_QUEUE_GROUP, cb=self._handle_job
@@ -341,8 +348,8 @@ class Worker:
             case TokenizeRequest():
                 return await self._control_tokenize(request)
             case DrainRequest():
-                self._draining = True
                 self._activation("draining", None, None, "")
+                await self._stop_taking_jobs()
                 return ControlReply(status=200, message="draining")
             case PinRequest():
                 return ControlReply(status=501, message="pin is not implemented yet")

@@ -292,3 +292,26 @@ async def test_unload_control_stops_serving_the_model(
         assert worker.heartbeat().models == ()
     finally:
         await worker.shutdown()
+
+
+async def test_drain_stops_new_jobs_but_keeps_the_node_visible(
+    nats_url: str, subject_root: str, model_file: Path, client: Client
+) -> None:
+    worker = await start_worker(nats_url, subject_root, model_file, Script())
+    try:
+        reply = await client.request(
+            subjects.control_subject("n1", "drain", root=subject_root),
+            codec.encode(messages.DrainRequest()), timeout=2,
+        )
+        assert codec.decode_control_reply(reply.data).status == 200
+        inbox = client.new_inbox()
+        sub = await client.subscribe(inbox)
+        job = chat_job()
+        await client.publish(subjects.job_subject(MODEL, root=subject_root), codec.encode(job),
+                             reply=inbox)
+        msg = await sub.next_msg(timeout=2)
+        assert msg.headers is not None and msg.headers.get("Status") == "503"
+        beat = worker.heartbeat()
+        assert beat.draining and [m.id for m in beat.models] == [MODEL]
+    finally:
+        await worker.shutdown()
