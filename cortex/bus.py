@@ -18,8 +18,10 @@ from typing import Final
 
 import nats
 import nats.errors
+import nats.micro
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.micro.service import Service
 
 from bus_schema import codec
 from bus_schema.connection import parse_nats_urls
@@ -32,6 +34,7 @@ from bus_schema.messages import (
     JobFinished,
     JobRequest,
 )
+from bus_schema.service import GATEWAY_SERVICE, package_version, service_version
 from bus_schema.subjects import (
     Headers,
     activation_wildcard,
@@ -179,6 +182,7 @@ class GatewayBus:
         self._inbox = f"_INBOX.{settings.gateway_id}"
         self._streams: dict[str, JobStream] = {}
         self._closing = False
+        self._service: Service | None = None
 
     @property
     def connected(self) -> bool:
@@ -214,6 +218,13 @@ class GatewayBus:
         await self._nc.subscribe(heartbeat_wildcard(root=root), cb=self._on_fleet)
         await self._nc.subscribe(activation_wildcard(root=root), cb=self._on_fleet)
         await self._nc.subscribe(f"{self._inbox}.discover", cb=self._on_fleet)
+        self._service = await nats.micro.add_service(
+            self._nc,
+            name=GATEWAY_SERVICE,
+            version=service_version(package_version()),
+            description=f"Cortex gateway '{self.settings.gateway_id}': OpenAI API over the bus",
+            metadata={"gateway": self.settings.gateway_id, "root": root},
+        )
         await self.discover()
         log.info("gateway %s connected to %s (max payload %d bytes)",
                  self.settings.gateway_id, endpoint.redacted(), self._nc.max_payload)
@@ -230,6 +241,9 @@ class GatewayBus:
 
     async def close(self) -> None:
         self._closing = True
+        if self._service is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._service.stop()
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(nats.errors.Error):

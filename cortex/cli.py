@@ -7,27 +7,22 @@ import logging
 import sys
 import urllib.error
 import urllib.request
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated
 
 import cyclopts
 import uvicorn
 
+from bus_schema.service import package_version
 from cortex.app import create_app
 from cortex.embedded_nats import EmbeddedNatsError, EmbeddedNatsServer
 from cortex.settings import GatewaySettings
 from cortex.stack import StackError, StackOptions, run_stack
 
-try:
-    _VERSION = version("cortex-fleet")
-except PackageNotFoundError:
-    _VERSION = "0+unknown"
-
 app = cyclopts.App(
     name="cortex",
     help="Unified inference gateway for multi-node GPU clusters.",
-    version=_VERSION,
+    version=package_version(),
     config=cyclopts.config.Env("CORTEX_", command=False),
 )
 log = logging.getLogger("cortex")

@@ -16,13 +16,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, assert_never
 
 import nats
+import nats.micro
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.micro.service import Service
 
 from bus_schema import codec
 from bus_schema.connection import parse_nats_urls
@@ -44,6 +45,7 @@ from bus_schema.messages import (
     TokenizeRequest,
     UnloadRequest,
 )
+from bus_schema.service import NEURON_SERVICE, package_version, service_version
 from bus_schema.subjects import (
     JOB_QUEUE_GROUP,
     Headers,
@@ -66,13 +68,6 @@ log = logging.getLogger(__name__)
 ActivationListener = Callable[[Activation], None]
 
 
-def _package_version() -> str:
-    try:
-        return version("cortex-fleet")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 class Worker:
     """One neuron on the bus."""
 
@@ -87,6 +82,7 @@ class Worker:
         self._engine = engine
         self._on_activation = on_activation
         self._nc: NatsClient | None = None
+        self._service: Service | None = None
         self._residency = Residency(engine, self._activation, hf_cache=settings.hf_cache)
         self._runner = JobRunner(settings)
         self._job_subs: dict[str, list[Subscription]] = {}
@@ -140,6 +136,13 @@ class Worker:
             reconnected_cb=self._on_reconnected,
             closed_cb=self._on_closed,
         )
+        self._service = await nats.micro.add_service(
+            self.nc,
+            name=NEURON_SERVICE,
+            version=service_version(package_version()),
+            description=f"Cortex neuron '{s.name}': runs jobs for its resident models",
+            metadata={"node": s.name, "root": s.root, "engine": self._engine.name},
+        )
         await self.nc.subscribe(discover_subject(root=s.root), cb=self._handle_discover)
         await self.nc.subscribe(f"{s.root}.node.{s.name}.ctl.*", cb=self._handle_control)
         self._spawn(self._heartbeat_loop())
@@ -159,6 +162,9 @@ class Worker:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._service is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._service.stop()
         with contextlib.suppress(nats.errors.Error):
             await self.nc.drain()
         self._nc = None
@@ -272,7 +278,7 @@ class Worker:
             sent_at=time.time(),
             interval_s=self.settings.heartbeat_interval_s,
             started_at=self._started_at,
-            version=_package_version(),
+            version=package_version(),
             host=host_info(),
             devices=discover_devices(),
             models=self._residency.snapshot(),
