@@ -7,11 +7,13 @@ fields are checked strictly.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 TemplateValue = str | int | float | bool | None
+#: A 64-bit seed, as OpenAI documents it; anything else is a 400, not an engine failure.
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class ImageUrl(msgspec.Struct, frozen=True):
@@ -59,7 +61,7 @@ class ChatCompletionRequest(msgspec.Struct, frozen=True, kw_only=True):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

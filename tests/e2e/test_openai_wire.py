@@ -124,6 +124,13 @@ def test_unknown_model_is_404_in_openai_shape(client: openai.OpenAI) -> None:
         (b'{"model":"m","messages":[{"role":"user","content":"x"}],"n":3}', "n", "n=1"),
         (b'{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}',
          "max_tokens", "at least 1"),
+        (b'{"model":"m","messages":[{"role":"user","content":"x"}],"seed":1208925819614629174706176}',
+         "seed", "Expected `int` <= 9223372036854775807"),
+        (b'{"model":"m","messages":[{"role":"user","content":"x"}],"stream":"yes"}', "stream",
+         "Expected `bool | null`"),
+        (b'{"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e",'
+         b'"f","g","h","i","j","k","l","m","n","o","p","q"]}', "stop", "1 to 16"),
+        (b'\xff\xfe', None, "not valid JSON"),
     ],
 )
 def test_bad_bodies_get_400_naming_the_parameter(
