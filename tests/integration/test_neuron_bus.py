@@ -263,7 +263,9 @@ async def test_admission_limit_refuses_with_overloaded(
     worker = await start_worker(nats_url, subject_root, model_file, script, max_jobs=1)
     try:
         first = asyncio.ensure_future(run_job(client, subject_root, chat_job()))
-        await asyncio.sleep(0.3)
+        async with asyncio.timeout(5):
+            while worker._runner.running == 0:  # noqa: ASYNC110 - wait for the first admission
+                await asyncio.sleep(0.01)
         second = await run_job(client, subject_root, chat_job())
         assert isinstance(second[0], messages.JobFailed)
         assert second[0].code == ErrorCode.OVERLOADED and second[0].retryable

@@ -44,7 +44,7 @@ class LocalStack:
                                         nats_url=nats_url, root=root)
         base_neuron = neuron or NeuronSettings()
         self.neuron_settings = replace(base_neuron, name="n1", nats_url=nats_url, root=root,
-                                       models=tuple(models), heartbeat_interval_s=0.25)
+                                       models=tuple(models), heartbeat_interval_s=1.0)
         self._engine = engine
         self.base_url = f"http://127.0.0.1:{port}"
         self.worker: Worker | None = None
