@@ -6,7 +6,7 @@ decodes to exactly one message type or raises `BusDecodeError`.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, TypeVar
 
 import msgspec
 
@@ -20,15 +20,16 @@ from bus_schema.messages import (
     JobRequest,
 )
 
+T = TypeVar("T")
 _encoder: Final = msgspec.json.Encoder()
-_job_request: Final = msgspec.json.Decoder(JobRequest)
+_job_request: Final[msgspec.json.Decoder[JobRequest]] = msgspec.json.Decoder(JobRequest)
 _job_event: Final[msgspec.json.Decoder[JobEvent]] = msgspec.json.Decoder(JobEvent)
 _fleet_event: Final[msgspec.json.Decoder[FleetEvent]] = msgspec.json.Decoder(FleetEvent)
-_discover: Final = msgspec.json.Decoder(DiscoverRequest)
+_discover: Final[msgspec.json.Decoder[DiscoverRequest]] = msgspec.json.Decoder(DiscoverRequest)
 _control_request: Final[msgspec.json.Decoder[ControlRequest]] = msgspec.json.Decoder(
     ControlRequest
 )
-_control_reply: Final = msgspec.json.Decoder(ControlReply)
+_control_reply: Final[msgspec.json.Decoder[ControlReply]] = msgspec.json.Decoder(ControlReply)
 
 
 class BusDecodeError(ValueError):
@@ -40,49 +41,38 @@ def encode(message: BusMessage) -> bytes:
     return _encoder.encode(message)
 
 
+def _decode(decoder: msgspec.json.Decoder[T], data: bytes) -> T:
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise BusDecodeError(str(exc)) from exc
+
+
 def decode_job_request(data: bytes) -> JobRequest:
     """Decode a `JobRequest` (neuron side)."""
-    try:
-        return _job_request.decode(data)
-    except msgspec.DecodeError as exc:
-        raise BusDecodeError(str(exc)) from exc
+    return _decode(_job_request, data)
 
 
 def decode_job_event(data: bytes) -> JobEvent:
     """Decode one event of a job stream (gateway side)."""
-    try:
-        return _job_event.decode(data)
-    except msgspec.DecodeError as exc:
-        raise BusDecodeError(str(exc)) from exc
+    return _decode(_job_event, data)
 
 
 def decode_fleet_event(data: bytes) -> FleetEvent:
     """Decode a `Heartbeat` or an `Activation`."""
-    try:
-        return _fleet_event.decode(data)
-    except msgspec.DecodeError as exc:
-        raise BusDecodeError(str(exc)) from exc
+    return _decode(_fleet_event, data)
 
 
 def decode_discover(data: bytes) -> DiscoverRequest:
     """Decode a `DiscoverRequest`."""
-    try:
-        return _discover.decode(data)
-    except msgspec.DecodeError as exc:
-        raise BusDecodeError(str(exc)) from exc
+    return _decode(_discover, data)
 
 
 def decode_control_request(data: bytes) -> ControlRequest:
     """Decode any control request (neuron side)."""
-    try:
-        return _control_request.decode(data)
-    except msgspec.DecodeError as exc:
-        raise BusDecodeError(str(exc)) from exc
+    return _decode(_control_request, data)
 
 
 def decode_control_reply(data: bytes) -> ControlReply:
     """Decode a `ControlReply`."""
-    try:
-        return _control_reply.decode(data)
-    except msgspec.DecodeError as exc:
-        raise BusDecodeError(str(exc)) from exc
+    return _decode(_control_reply, data)

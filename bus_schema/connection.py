@@ -9,6 +9,7 @@ credentials out so they can be passed once, for every server.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 _SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
@@ -26,6 +27,33 @@ class NatsEndpoint:
     def redacted(self) -> str:
         """The servers for logs (never the secrets)."""
         return ",".join(self.servers)
+
+    def connect_options(self) -> ConnectOptions:
+        """Keyword arguments for ``nats.connect``, the same for gateways and neurons."""
+        return ConnectOptions(
+            servers=list(self.servers),
+            user=self.user,
+            password=self.password,
+            token=self.token,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            ping_interval=5,
+            max_outstanding_pings=3,
+        )
+
+
+class ConnectOptions(TypedDict):
+    """How every Cortex process connects. nats-py's defaults give up reconnecting after about two
+    minutes and notice a dead server only after about four: reconnect forever, ping every 5 s."""
+
+    servers: list[str]
+    user: str | None
+    password: str | None
+    token: str | None
+    max_reconnect_attempts: int
+    reconnect_time_wait: float
+    ping_interval: int
+    max_outstanding_pings: int
 
 
 def parse_nats_urls(value: str) -> NatsEndpoint:

@@ -199,15 +199,8 @@ class GatewayBus:
         """
         endpoint = parse_nats_urls(url)
         self._nc = await nats.connect(
-            servers=list(endpoint.servers),
-            user=endpoint.user,
-            password=endpoint.password,
-            token=endpoint.token,
+            **endpoint.connect_options(),
             name=f"cortex:{self.settings.gateway_id}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            ping_interval=5,
-            max_outstanding_pings=3,
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,

@@ -38,7 +38,7 @@ def stack(
 
 @pytest.fixture
 def client(stack: LocalStack) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0) as c:
+    with stack.openai_client() as c:
         yield c
 
 
@@ -190,7 +190,7 @@ def test_disconnect_mid_stream_cancels_the_job_on_the_neuron(
     script = Script(words=tuple(f" w{i}" for i in range(200)), token_delay_s=0.05)
     with LocalStack(nats_url=nats_server.url, root="e2e-cancel", engine=ScriptedEngine(script),
                     models=[ModelSpec(source=str(model_file), served_name=MODEL)]) as stack:
-        client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0)
+        client = stack.openai_client()
         stream = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "go"}], stream=True
         )

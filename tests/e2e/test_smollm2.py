@@ -27,8 +27,7 @@ def client(nats_server: EmbeddedNatsServer) -> Iterator[openai.OpenAI]:
     with LocalStack(
         nats_url=nats_server.url, root="e2e-smollm2", engine=TorchEngine(device="cpu"),
         models=[ModelSpec(source=str(smollm2_path()), served_name=DEFAULT_MODEL_ID)],
-    ) as stack, openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused",
-                       max_retries=0) as client:
+    ) as stack, stack.openai_client() as client:
         yield client
 
 

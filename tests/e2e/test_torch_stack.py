@@ -45,7 +45,7 @@ def stack(nats_server: EmbeddedNatsServer, tiny_model: TinyModel) -> Iterator[Lo
 
 @pytest.fixture
 def client(stack: LocalStack) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0) as c:
+    with stack.openai_client() as c:
         yield c
 
 

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
+import openai
 import uvicorn
 
 from cortex.app import create_app
@@ -67,6 +68,10 @@ class LocalStack:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout=30)
+
+    def openai_client(self) -> openai.OpenAI:
+        """The real OpenAI SDK pointed at this gateway (no retries: tests see every status)."""
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0)
 
     def __enter__(self) -> LocalStack:
         return self.start()
