@@ -69,6 +69,11 @@ class LocalStack:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout=30)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The stack thread's event loop (to run coroutines on the worker or the gateway)."""
+        return self._loop
+
     def openai_client(self) -> openai.OpenAI:
         """The real OpenAI SDK pointed at this gateway (no retries: tests see every status)."""
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0)
