@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import re
 import socket
@@ -25,7 +26,15 @@ from nats.errors import NoRespondersError
 import cortex.cli
 import neuron.cli
 from bus_schema import subjects
+from bus_schema.messages import JobAccepted, JobFinished, JobRequest
+from bus_schema.service import GATEWAY_SERVICE, NEURON_SERVICE
+from cortex.bus import GatewayBus
 from cortex.embedded_nats import EmbeddedNatsServer, find_nats_server
+from cortex.fleet import FleetView
+from cortex.settings import GatewaySettings
+from neuron.settings import ModelSpec, NeuronSettings
+from neuron.worker import Worker
+from tests.support.scripted_engine import Script, ScriptedEngine
 
 REPO: Final = Path(__file__).resolve().parents[2]
 OPS_NATS: Final = REPO / "ops" / "nats"
@@ -478,3 +487,44 @@ async def test_a_leaf_node_with_the_gateway_role_serves_a_local_gateway(hub: Hub
                                   reply=f"{inbox}.job2")
         msg = await next_msg(replies)
         assert msg.headers is not None and msg.headers.get("Status") == "503"
+
+
+@pytest.mark.integration
+async def test_the_real_gateway_and_neuron_run_under_their_roles(
+    hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shipped roles are enough for the real processes: the gateway routes a job to the neuron
+    and streams it back, and both answer `nats micro ls` (as the observer)."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    worker = Worker(
+        NeuronSettings(name="ops-n1", nats_url=hub.url("neuron"),
+                       models=(ModelSpec(source=str(model), served_name=MODEL),)),
+        ScriptedEngine(Script()),
+    )
+    await worker.start()
+    bus = GatewayBus(GatewaySettings(), FleetView())
+    try:
+        async with asyncio.timeout(WAIT):
+            await worker.ready.wait()
+        await bus.connect(hub.url("gateway"))
+        async with asyncio.timeout(WAIT):
+            while not bus.fleet.routable(MODEL):  # noqa: ASYNC110 - heartbeat arrives
+                await asyncio.sleep(0.05)
+        stream = await bus.submit(JobRequest(job_id="ops-job", model=MODEL, prompt="hi"))
+        assert isinstance(await stream.first(), JobAccepted)
+        events = [e async for e in stream.events()]
+        stream.close()
+        assert isinstance(events[-1], JobFinished)
+        async with connected(hub.url("observer")) as observer:
+            inbox = observer.nc.new_inbox()
+            pongs: asyncio.Queue[Msg] = asyncio.Queue()
+            await observer.nc.subscribe(inbox, cb=pongs.put)
+            await observer.nc.publish("$SRV.PING", b"", reply=inbox)
+            names = sorted([json.loads((await next_msg(pongs)).data)["name"] for _ in range(2)])
+        assert names == [GATEWAY_SERVICE, NEURON_SERVICE]
+    finally:
+        await bus.close()
+        await worker.shutdown()
+    violations = [r.getMessage() for r in caplog.records if "ermissions" in r.getMessage()]
+    assert violations == []
