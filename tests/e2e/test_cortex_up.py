@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,25 +21,30 @@ from tests.support.tiny_models import TinyModel
 pytestmark = pytest.mark.e2e
 
 
-def wait_until_serving(base_url: str, proc: subprocess.Popen[str], timeout: float) -> str:
-    """Poll /v1/models until a loaded model shows up; return its id."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"cortex up exited early with {proc.returncode}")
-        try:
-            data = httpx.get(f"{base_url}/v1/models", timeout=2).json()["data"]
-        except (httpx.HTTPError, ValueError):
-            data = []
-        loaded = [m["id"] for m in data if m["loaded"]]
-        if loaded:
-            return str(loaded[0])
-        time.sleep(0.2)
-    raise AssertionError("cortex up did not serve a model in time")
+class Output:
+    """Reads the stack's combined output as it comes, the way a user watches the terminal."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        assert proc.stdout is not None
+        self._stdout = proc.stdout
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._stdout:
+            self.lines.append(line)
+            if "ready: http://" in line:
+                self.ready.set()
+
+    def text(self) -> str:
+        self._thread.join(timeout=10)
+        return "".join(self.lines)
 
 
 @pytest.fixture
-def cortex_up(tiny_model: TinyModel) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def cortex_up(tiny_model: TinyModel) -> Iterator[tuple[str, subprocess.Popen[str], Output]]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "cortex", "up", "--model", str(tiny_model.gguf_path),
@@ -48,34 +53,39 @@ def cortex_up(tiny_model: TinyModel) -> Iterator[tuple[str, subprocess.Popen[str
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    output = Output(proc)
     try:
-        yield f"http://127.0.0.1:{port}", proc
+        yield f"http://127.0.0.1:{port}", proc, output
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.communicate(timeout=10)
+        proc.wait(timeout=10)
+        output.text()  # the reader has seen end-of-file
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 @pytest.mark.timeout(120)
 def test_cortex_up_serves_and_stops_cleanly_on_ctrl_c(
-    cortex_up: tuple[str, subprocess.Popen[str]],
+    cortex_up: tuple[str, subprocess.Popen[str], Output],
 ) -> None:
-    base_url, proc = cortex_up
-    model = wait_until_serving(base_url, proc, timeout=90)
-    assert model == "tiny/llama"
+    base_url, proc, output = cortex_up
+    assert output.ready.wait(timeout=90), output.text()
+    assert f"ready: {base_url}/v1 serving tiny/llama" in "".join(output.lines)
+    models = httpx.get(f"{base_url}/v1/models", timeout=5).json()["data"]
+    assert [(m["id"], m["loaded"]) for m in models] == [("tiny/llama", True)]
     with openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as client:
         stream = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "hello"}], stream=True,
+            model="tiny/llama", messages=[{"role": "user", "content": "hello"}], stream=True,
             max_tokens=8, temperature=0,
         )
         chunks = list(stream)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=40)
-    assert proc.returncode == 0, output
-    assert "ready: http://127.0.0.1" in output
-    assert "embedded NATS server stopped" in output
-    assert "left the bus" in output  # the neuron drained before the server went away
+    assert proc.wait(timeout=40) == 0, output.text()
+    text = output.text()
+    assert "embedded NATS server stopped" in text
+    assert "left the bus" in text  # the neuron drained before the server went away
 
 
 def test_cortex_up_without_a_model_file_fails_with_a_clear_message(tmp_path: Path) -> None:
