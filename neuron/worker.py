@@ -216,9 +216,20 @@ class Worker:
             ),
         ]
         self._job_subs[slot.model_id] = subs
-        await self.nc.flush()  # interest is registered before anyone hears "ready"
+        await self._confirm_subscriptions()  # interest is registered before anyone hears "ready"
         await self._publish_heartbeat()
         return slot.model_id
+
+    async def _confirm_subscriptions(self) -> None:
+        """Return once the server has every subscription made so far.
+
+        nats-py writes a flush's PING straight to the socket, ahead of commands still queued for
+        its flusher task, so one PONG does not prove that earlier SUBs reached the server (a job
+        published right after could get no-responders). The first round trip lets the flusher
+        write them; the second proves the server has processed them.
+        """
+        await self.nc.flush()
+        await self.nc.flush()
 
     async def unload(self, model_id: str) -> None:
         """Stop serving a model and release it.

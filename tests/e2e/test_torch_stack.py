@@ -19,6 +19,7 @@ from cortex.embedded_nats import EmbeddedNatsServer
 from neuron.engines.base import Finish, GenerationParams, Step
 from neuron.engines.torch_engine import TorchEngine
 from neuron.settings import ModelSpec
+from tests.support.nats_sync import confirm_subscriptions
 from tests.support.stack import LocalStack
 from tests.support.tiny_models import TinyModel
 
@@ -157,7 +158,7 @@ def test_bus_traffic_is_readable_to_a_plain_subscriber(
     async def watch() -> list[tuple[str, dict[str, object], dict[str, str]]]:
         nc = await nats.connect(nats_server.url)
         sub = await nc.subscribe(f"{ROOT}.>")
-        await nc.flush()
+        await confirm_subscriptions(nc)
         response = await asyncio.to_thread(
             httpx.post, f"{stack.base_url}/v1/chat/completions",
             json={"model": GGUF_ID, "messages": [{"role": "user", "content": "hi"}],

@@ -35,6 +35,7 @@ from cortex.fleet import FleetView
 from cortex.settings import GatewaySettings
 from neuron.settings import ModelSpec, NeuronSettings
 from neuron.worker import Worker
+from tests.support.nats_sync import confirm_subscriptions
 from tests.support.scripted_engine import Script, ScriptedEngine
 
 REPO: Final = Path(__file__).resolve().parents[2]
@@ -260,7 +261,7 @@ async def serve_streams(neuron: Client, subject: str, *, replies: int = 3) -> No
             await neuron.publish(msg.reply, f"chunk {seq}".encode())
 
     await neuron.subscribe(subject, queue=subjects.JOB_QUEUE_GROUP, cb=on_job)
-    await neuron.flush()
+    await confirm_subscriptions(neuron)
 
 
 async def collect(queue: asyncio.Queue[Msg], count: int) -> list[bytes]:
@@ -315,7 +316,7 @@ async def test_fleet_messages_control_and_discovery_pass(hub: Hub) -> None:
         await neuron.nc.subscribe(f"cortex.node.{node}.ctl.*", cb=answer)
         await neuron.nc.subscribe(subjects.discover_subject(), cb=answer)
         await serve_streams(neuron.nc, subjects.node_job_subject(node, MODEL), replies=1)
-        await neuron.nc.flush()
+        await confirm_subscriptions(neuron.nc)
 
         await neuron.nc.publish(subjects.heartbeat_subject(node), b"hb")
         await neuron.nc.publish(subjects.activation_subject(node), b"act")
@@ -347,8 +348,8 @@ async def test_the_observer_sees_traffic_but_cannot_publish_jobs_or_replies(hub:
         await neuron.nc.subscribe("$SRV.PING", cb=received.put)
         watched: asyncio.Queue[Msg] = asyncio.Queue()
         await observer.nc.subscribe("cortex.>", cb=watched.put)
-        await neuron.nc.flush()
-        await observer.nc.flush()
+        await confirm_subscriptions(neuron.nc)
+        await confirm_subscriptions(observer.nc)
 
         await observer.nc.publish(subjects.job_subject(MODEL), b"injected")
         assert "permissions violation for publish" in (await observer.wait_error()).lower()
@@ -445,7 +446,7 @@ async def test_a_leaf_node_joins_local_neurons_as_the_neuron_role(hub: Hub) -> N
             await local.nc.publish(msg.reply, b"loaded")
 
         await local.nc.subscribe("cortex.node.gpu1.ctl.*", cb=answer)
-        await local.nc.flush()
+        await confirm_subscriptions(local.nc)
         deadline = time.monotonic() + WAIT
         while True:  # the new interest travels to the hub
             try:
@@ -460,12 +461,12 @@ async def test_a_leaf_node_joins_local_neurons_as_the_neuron_role(hub: Hub) -> N
         # Whatever a local process sends, the hub applies the neuron's permissions.
         watched: asyncio.Queue[Msg] = asyncio.Queue()
         await observer.nc.subscribe("cortex.>", cb=watched.put)
-        await observer.nc.flush()
+        await confirm_subscriptions(observer.nc)
         heartbeat = subjects.heartbeat_subject("gpu1")
         deadline = time.monotonic() + WAIT
         while watched.empty():  # until the observer's interest has reached the leaf
             await local.nc.publish(heartbeat, b"probe")
-            await local.nc.flush()
+            await confirm_subscriptions(local.nc)
             assert time.monotonic() < deadline, "heartbeats from the leaf never arrived"
             await asyncio.sleep(0.02)
         await local.nc.publish(subjects.job_subject("other/model"), b"injected")
