@@ -167,7 +167,6 @@ class JobFailed(BusMessage, frozen=True, tag="fail", kw_only=True):
 
 
 JobEvent = JobAccepted | TokenChunk | JobFinished | JobFailed
-TERMINAL_EVENTS: Final = (JobFinished, JobFailed)
 
 # --------------------------------------------------------------------------- fleet state
 

@@ -22,14 +22,6 @@ JOB_QUEUE_GROUP: Final = "neurons"
 
 #: Control verbs a neuron answers on `control_subject`.
 ControlVerb = Literal["load", "unload", "pin", "cancel", "drain", "tokenize"]
-CONTROL_VERBS: Final[tuple[ControlVerb, ...]] = (
-    "load",
-    "unload",
-    "pin",
-    "cancel",
-    "drain",
-    "tokenize",
-)
 
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
 _TOKEN_RE: Final = re.compile(r"(?:[A-Za-z0-9-]|_[0-9A-F]{2})+")

@@ -169,7 +169,8 @@ class JobStream:
         await self._bus.cancel(self.node, self.job.job_id, reason)
 
     def close(self) -> None:
-        self._bus._streams.pop(self._token, None)
+        """Stop routing this job's inbox messages here."""
+        self._bus.forget(self._token)
 
 
 class GatewayBus:
@@ -277,6 +278,10 @@ class GatewayBus:
             stream.close()
             raise BusUnavailableError(f"publishing the job failed: {exc}") from exc
         return stream
+
+    def forget(self, token: str) -> None:
+        """Drop a finished or abandoned stream from the inbox routing table."""
+        self._streams.pop(token, None)
 
     async def cancel(self, node: str, job_id: str, reason: str) -> None:
         """Fire-and-forget ``ctl.cancel`` to ``node`` (the job's deadline covers a lost cancel)."""

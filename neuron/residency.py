@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bus_schema.messages import ActivationEventKind, ResidentModel
@@ -42,7 +42,6 @@ class ModelSlot:
     progress: float = 0.0
     running: int = 0
     waiting: int = 0
-    loaded_at: float = field(default=0.0)
 
     def require(self) -> LoadedModel:
         """The loaded model.
@@ -132,7 +131,6 @@ class Residency:
             raise
         slot.status = "loaded"
         slot.progress = 1.0
-        slot.loaded_at = time.time()
         info = slot.model.info
         self._sink(
             "ready",

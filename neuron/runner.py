@@ -18,8 +18,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
-import msgspec
-
 from bus_schema.errors import ErrorCode
 from bus_schema.messages import (
     ChatMessage,
@@ -52,14 +50,6 @@ class JobLog(logging.LoggerAdapter[logging.Logger]):
     ) -> tuple[object, dict[str, object]]:
         extra = self.extra or {}
         return f"job={extra.get('job_id')} {msg}", dict(kwargs)
-
-
-class AdmissionError(Exception):
-    """The job is refused before acceptance; carries the `JobFailed` to send."""
-
-    def __init__(self, failure: JobFailed) -> None:
-        self.failure = failure
-        super().__init__(failure.message)
 
 
 def template_messages(messages: tuple[ChatMessage, ...]) -> list[dict[str, object]]:
@@ -106,11 +96,19 @@ def prepare_prompt(model: LoadedModel, job: JobRequest) -> list[int]:
     return model.encode(text)
 
 
-def _fail(job: JobRequest, seq: int, code: ErrorCode, message: str, **extra: object) -> JobFailed:
-    return msgspec.structs.replace(
-        JobFailed(job_id=job.job_id, seq=seq, code=code, message=message),
-        **extra,
-    )
+def _fail(
+    job: JobRequest,
+    seq: int,
+    code: ErrorCode,
+    message: str,
+    *,
+    retryable: bool = False,
+    prompt_tokens: int | None = None,
+    max_prompt_tokens: int | None = None,
+) -> JobFailed:
+    return JobFailed(job_id=job.job_id, seq=seq, code=code, message=message,
+                     retryable=retryable, prompt_tokens=prompt_tokens,
+                     max_prompt_tokens=max_prompt_tokens)
 
 
 class JobRunner:
@@ -295,7 +293,7 @@ class JobRunner:
             await publish(_fail(job, seq, ErrorCode.ENGINE_ERROR, message))
             return
         queue_s = (started_at or accepted_at) - accepted_at
-        reason = "cancelled" if finish.reason == "cancelled" else finish.reason
+        reason = finish.reason
         await publish(
             JobFinished(
                 job_id=job.job_id,
