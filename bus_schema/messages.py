@@ -18,7 +18,7 @@ never reused; unknown fields are ignored on decode. Anything else gets ``v2`` su
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -73,6 +73,16 @@ class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
     type: Literal["function"] = "function"
 
 
+class ToolDefinition(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A function the model may call; reaches the chat template as OpenAI's
+    ``{"type": "function", "function": {name, description, parameters}}``."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    description: str | None = None
+    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+    """JSON Schema of the arguments object."""
+
+
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One conversation turn with its content already flattened to text by the gateway."""
 
@@ -96,6 +106,8 @@ class JobRequest(BusMessage, frozen=True, tag="job", kw_only=True):
     """Raw text input (``/v1/completions``); no template applied."""
     params: SamplingParams = msgspec.field(default_factory=SamplingParams)
     chat_template_kwargs: dict[str, TemplateValue] = msgspec.field(default_factory=dict)
+    tools: tuple[ToolDefinition, ...] = ()
+    """Passed to the chat template; the neuron parses the model's tool calls out of its output."""
     deadline: Timestamp | None = None
     """Wall-clock time after which the neuron stops generating (guards against lost cancels)."""
     gateway: str = ""
@@ -128,13 +140,33 @@ class JobAccepted(BusMessage, frozen=True, tag="accepted", kw_only=True):
     """The completion budget after clamping to the context length."""
 
 
-class TokenChunk(BusMessage, frozen=True, tag="tok", kw_only=True, gc=False):
-    """Text produced since the previous chunk (several tokens coalesced)."""
+class EmittedToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A complete tool call the model made (parsed from its ``<tool_call>`` output)."""
+
+    index: NonNegInt
+    """0, 1, 2 … in the order the model made them within this job."""
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    name: str
+    arguments: str
+    """JSON text of the arguments object."""
+
+
+class TokenChunk(BusMessage, frozen=True, tag="tok", kw_only=True, gc=False, omit_defaults=True):
+    """Output produced since the previous chunk (several tokens coalesced), routed by kind.
+
+    Within one chunk the order is: ``reasoning``, then ``text``, then ``tool_calls``; the neuron
+    starts a new chunk rather than reorder output. A job that made tool calls finishes with
+    ``finish_reason="stop"``; the gateway reports it as ``tool_calls``.
+    """
 
     job_id: JobId
     seq: Seq
-    text: str
+    text: str = ""
+    """Answer text (reasoning markers and tool calls never appear here)."""
     token_ids: tuple[int, ...] = ()
+    reasoning: str = ""
+    """Text the model produced inside its reasoning markers (``<think>``…``</think>``)."""
+    tool_calls: tuple[EmittedToolCall, ...] = ()
 
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -312,6 +344,8 @@ class TokenizeRequest(BusMessage, frozen=True, tag="tokenize", kw_only=True):
     model: ModelId
     messages: tuple[ChatMessage, ...] = ()
     prompt: str | None = None
+    chat_template_kwargs: dict[str, TemplateValue] = msgspec.field(default_factory=dict)
+    tools: tuple[ToolDefinition, ...] = ()
 
 
 ControlRequest = (

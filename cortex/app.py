@@ -1,41 +1,54 @@
-"""The Litestar application: routes, one error handler for every failure, and a lifespan that owns
-the bus connection."""
+"""The Litestar application: the fleet routes and each dialect's router, one error handler that
+answers every failure in the caller's dialect, and a lifespan that starts and stops the bus."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Final
 
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Response
+from litestar.di import Provide
 from litestar.exceptions import HTTPException
 
 from cortex import routes
 from cortex.bus import GatewayBus
-from cortex.errors import ApiError, render_error
-from cortex.fleet import FleetView
+from cortex.dialects.openai import routes as openai
+from cortex.errors import ApiError, Reason
+from cortex.http import AnyRequest
 from cortex.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
+ErrorRenderer = Callable[[ApiError], Response[bytes]]
 
-def _error_response(request: Request[Any, Any, Any], error: ApiError) -> Response[bytes]:
-    return Response(
-        content=render_error(error, request.url.path),
-        status_code=error.status,
-        media_type="application/json",
-        headers=error.headers(),
-    )
+#: Which dialect answers errors on which paths; the first matching prefix wins.
+_DIALECT_ERRORS: Final[tuple[tuple[str, ErrorRenderer], ...]] = (
+    ("", openai.error_response),
+)
+
+_HTTP_REASONS: Final = {
+    401: Reason.UNAUTHORIZED,
+    404: Reason.ROUTE_NOT_FOUND,
+    405: Reason.METHOD_NOT_ALLOWED,
+    413: Reason.TOO_LARGE,
+}
 
 
-def _on_api_error(request: Request[Any, Any, Any], exc: ApiError) -> Response[bytes]:
-    return _error_response(request, exc)
+def _respond(request: AnyRequest, error: ApiError) -> Response[bytes]:
+    path = request.url.path
+    render = next(r for prefix, r in _DIALECT_ERRORS if path.startswith(prefix))
+    return render(error)
 
 
-def _on_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+def _on_api_error(request: AnyRequest, exc: ApiError) -> Response[bytes]:
+    return _respond(request, exc)
+
+
+def _on_http_exception(request: AnyRequest, exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
+    reason = _HTTP_REASONS.get(status, Reason.INVALID_REQUEST if status < 500 else Reason.INTERNAL)
     if status == 404:
         message = f"no route for {request.method} {request.url.path}"
     elif status == 405:
@@ -44,38 +57,44 @@ def _on_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> R
         message = "request body is too large for this gateway"
     else:
         message = exc.detail or "request failed"
-    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
-    return _error_response(request, ApiError(status, message, code=code))
+    return _respond(request, ApiError(reason, message))
 
 
-def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+def _on_unexpected(request: AnyRequest, exc: Exception) -> Response[bytes]:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _error_response(request, ApiError(500, "internal gateway error; see the gateway log"))
+    return _respond(request, ApiError(Reason.INTERNAL,
+                                      "internal gateway error; see the gateway log"))
 
 
-def create_app(settings: GatewaySettings, *, nats_url: str) -> Litestar:
-    """Build the gateway app; its lifespan connects to NATS at ``nats_url``."""
+def create_app(settings: GatewaySettings, *, bus: GatewayBus) -> Litestar:
+    """Build the gateway app around ``bus``; the app's lifespan starts and closes it."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        fleet = FleetView()
-        bus = GatewayBus(settings, fleet)
-        await bus.connect(nats_url)
-        await asyncio.sleep(settings.discover_wait_s)  # let neurons answer discovery
-        app.state.bus = bus
-        app.state.settings = settings
+        await bus.start()
         try:
             yield
         finally:
             await bus.close()
+
+    def provide_bus() -> GatewayBus:
+        return bus
+
+    def provide_settings() -> GatewaySettings:
+        return settings
+
 
     return Litestar(
         route_handlers=[
             routes.health,
             routes.list_models,
             routes.get_model,
-            routes.chat_completions,
+            openai.router,
         ],
+        dependencies={
+            "bus": Provide(provide_bus, sync_to_thread=False, use_cache=True),
+            "settings": Provide(provide_settings, sync_to_thread=False, use_cache=True),
+        },
         lifespan=[lifespan],
         exception_handlers={
             ApiError: _on_api_error,

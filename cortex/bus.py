@@ -28,6 +28,8 @@ from bus_schema.connection import parse_nats_urls
 from bus_schema.messages import (
     PROTOCOL_VERSION,
     CancelJob,
+    ControlReply,
+    ControlRequest,
     DiscoverRequest,
     JobEvent,
     JobFailed,
@@ -36,6 +38,7 @@ from bus_schema.messages import (
 )
 from bus_schema.service import GATEWAY_SERVICE, package_version, service_version
 from bus_schema.subjects import (
+    ControlVerb,
     Headers,
     activation_wildcard,
     control_subject,
@@ -184,6 +187,7 @@ class GatewayBus:
         self._streams: dict[str, JobStream] = {}
         self._closing = False
         self._service: Service | None = None
+        self._discovered = asyncio.Event()
 
     @property
     def connected(self) -> bool:
@@ -192,6 +196,16 @@ class GatewayBus:
     @property
     def max_payload(self) -> int:
         return self._nc.max_payload if self._nc is not None else 0
+
+    async def start(self) -> None:
+        """Connect to ``settings.nats_url``, follow the fleet, and ask it to report in."""
+        if self.settings.nats_url is None:
+            raise BusUnavailableError("no NATS URL configured")
+        await self.connect(self.settings.nats_url)
+
+    async def discovered(self) -> None:
+        """Return once the start-up discovery window has passed (at once, after that)."""
+        await self._discovered.wait()
 
     async def connect(self, url: str) -> None:
         """Connect, follow heartbeats and activations, and ask the fleet to report in.
@@ -220,6 +234,7 @@ class GatewayBus:
             metadata={"gateway": self.settings.gateway_id, "root": root},
         )
         await self.discover()
+        asyncio.get_running_loop().call_later(self.settings.discover_wait_s, self._discovered.set)
         log.info("gateway %s connected to %s (max payload %d bytes)",
                  self.settings.gateway_id, endpoint.redacted(), self._nc.max_payload)
 
@@ -293,6 +308,32 @@ class GatewayBus:
                 codec.encode(CancelJob(job_id=job_id, reason=reason)),
                 headers={Headers.JOB_ID: job_id},
             )
+
+    async def control(
+        self, node: str, verb: ControlVerb, request: ControlRequest, *, timeout_s: float
+    ) -> ControlReply:
+        """Send a ``ctl.<verb>`` request to ``node`` and return its reply.
+
+        Raises:
+            BusUnavailableError: not connected, nobody answers, or no answer in ``timeout_s``.
+            StreamProtocolError: the reply is not a `ControlReply`.
+        """
+        nc = self._require()
+        try:
+            msg = await nc.request(control_subject(node, verb, root=self.settings.root),
+                                   codec.encode(request), timeout=timeout_s)
+        except nats.errors.NoRespondersError:
+            raise BusUnavailableError(f"neuron '{node}' does not answer ctl.{verb}") from None
+        except (nats.errors.TimeoutError, TimeoutError):
+            raise BusUnavailableError(
+                f"neuron '{node}' did not answer ctl.{verb} within {timeout_s:g}s"
+            ) from None
+        except nats.errors.Error as exc:
+            raise BusUnavailableError(f"ctl.{verb} to '{node}' failed: {exc}") from exc
+        try:
+            return codec.decode_control_reply(msg.data)
+        except codec.BusDecodeError as exc:
+            raise StreamProtocolError(f"bad ctl.{verb} reply from '{node}': {exc}") from exc
 
     async def _on_inbox(self, msg: Msg) -> None:
         stream = self._streams.get(msg.subject.rpartition(".")[2])

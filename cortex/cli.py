@@ -7,6 +7,7 @@ import logging
 import sys
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,9 @@ import uvicorn
 
 from bus_schema.service import package_version
 from cortex.app import create_app
+from cortex.bus import GatewayBus
 from cortex.embedded_nats import EmbeddedNatsError, EmbeddedNatsServer
+from cortex.fleet import FleetView
 from cortex.settings import GatewaySettings
 from cortex.stack import StackError, StackOptions, run_stack
 
@@ -78,7 +81,9 @@ def serve(
             log.error("%s", exc)
             return 1
     try:
-        uvicorn.run(create_app(settings, nats_url=url), host=host, port=port,
+        settings = replace(settings, nats_url=url)
+        app = create_app(settings, bus=GatewayBus(settings, FleetView()))
+        uvicorn.run(app, host=host, port=port,
                     log_level=log_level, lifespan="on", log_config=None)
     finally:
         if embedded is not None:

@@ -1,149 +1,182 @@
-"""The gateway's errors and the one table that maps them to HTTP statuses and dialect bodies.
+"""Every failure the gateway reports: one reason enum and one table from reason to how it surfaces.
 
-Every failure the gateway reports is an `ApiError` (raised by routes, or built from a bus
-`JobFailed` by `from_job_failure`). `cortex.app` renders it in the caller's dialect; today that is
-OpenAI's ``{"error": {"message", "type", "param", "code"}}``; the Anthropic shape plugs into
-`render_error` next to it.
+A failure is an `ApiError` carrying a `Reason`. `REASONS` maps each reason to its HTTP status,
+``retry-after``, OpenAI ``type``/``code`` and Anthropic ``error.type`` (and the status Anthropic
+clients get where it differs: 529 ``overloaded_error`` for capacity problems). Nothing else in the
+gateway picks a status: routes raise `ApiError(Reason…)`, `from_job_failure` turns a bus `JobFailed`
+into one, and the dialects (`cortex.dialects`) only render it.
+
+The reasons are the bus `ErrorCode`s (same values) plus the gateway's own.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
-
-import msgspec
 
 from bus_schema.errors import ErrorCode
 from bus_schema.messages import JobFailed
 
 
+class Reason(enum.StrEnum):
+    """Why a request failed. The first block mirrors `ErrorCode` value for value."""
+
+    # reported by neurons (bus_schema.errors.ErrorCode)
+    INVALID_REQUEST = "invalid_request"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    MODEL_NOT_LOADED = "model_not_loaded"
+    OVERLOADED = "overloaded"
+    INSUFFICIENT_MEMORY = "insufficient_vram"
+    TEMPLATE_ERROR = "template_error"
+    ENGINE_ERROR = "engine_error"
+    LOAD_FAILED = "load_failed"
+    UNSUPPORTED_ARCHITECTURE = "unsupported_architecture"
+    NOT_FOUND = "not_found"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    SHUTTING_DOWN = "shutting_down"
+    # the gateway's own
+    MODEL_NOT_FOUND = "model_not_found"
+    """No node holds the model and the catalogue does not know it."""
+    NO_WORKER = "no_worker"
+    """The model is known but no healthy node serves it right now."""
+    MODEL_LOADING = "model_loading"
+    BUS_DOWN = "bus_down"
+    ACCEPT_TIMEOUT = "accept_timeout"
+    """No neuron accepted the job in time."""
+    STREAM_BROKEN = "stream_broken"
+    """The stream from the neuron broke (gap, silence, its node vanished)."""
+    BAD_REPLY = "bad_reply"
+    """A neuron answered something that is not the protocol."""
+    CANCELLED = "cancelled"
+    """The job was cancelled on the neuron by someone other than this client."""
+    TOO_LARGE = "too_large"
+    UNSUPPORTED = "unsupported"
+    """A valid request for something this gateway does not do."""
+    ROUTE_NOT_FOUND = "route_not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    UNAUTHORIZED = "unauthorized"
+    INTERNAL = "internal"
+
+
 @dataclass(frozen=True)
 class ErrorSpec:
-    """How one bus error code surfaces over HTTP."""
+    """How one reason surfaces over HTTP, in each dialect."""
 
     status: int
     openai_type: str
-    openai_code: str | None = None
+    openai_code: str | None
+    anthropic_type: str
     retry_after: int | None = None
+    """Seconds, sent as ``retry-after`` (429 and 503 class answers)."""
+    anthropic_status: int | None = None
+    """Where Anthropic clients get another status (529 ``overloaded_error``)."""
+    permanent: bool = False
+    """A 5xx that retrying will not fix: ``x-should-retry: false``."""
+
+    @property
+    def status_for_anthropic(self) -> int:
+        return self.anthropic_status or self.status
 
 
-ERRORS: Final[Mapping[ErrorCode, ErrorSpec]] = {
-    ErrorCode.INVALID_REQUEST: ErrorSpec(400, "invalid_request_error"),
-    ErrorCode.PROMPT_TOO_LONG: ErrorSpec(400, "invalid_request_error", "context_length_exceeded"),
-    ErrorCode.TEMPLATE_ERROR: ErrorSpec(400, "invalid_request_error", "invalid_messages"),
-    ErrorCode.MODEL_NOT_LOADED: ErrorSpec(503, "server_error", "model_not_loaded", retry_after=1),
-    ErrorCode.OVERLOADED: ErrorSpec(429, "rate_limit_error", "rate_limit_exceeded", retry_after=1),
-    ErrorCode.INSUFFICIENT_MEMORY: ErrorSpec(503, "server_error", "insufficient_vram", 5),
-    ErrorCode.ENGINE_ERROR: ErrorSpec(502, "server_error", "engine_error"),
-    ErrorCode.LOAD_FAILED: ErrorSpec(502, "server_error", "load_failed"),
-    ErrorCode.UNSUPPORTED_ARCHITECTURE: ErrorSpec(422, "invalid_request_error",
-                                                  "unsupported_architecture"),
-    ErrorCode.NOT_FOUND: ErrorSpec(404, "invalid_request_error", "model_not_found"),
-    ErrorCode.DEADLINE_EXCEEDED: ErrorSpec(504, "server_error", "timeout"),
-    ErrorCode.SHUTTING_DOWN: ErrorSpec(503, "server_error", "shutting_down", retry_after=1),
+_INVALID: Final = "invalid_request_error"
+
+
+def _capacity(status: int, openai_type: str, code: str, retry_after: int) -> ErrorSpec:
+    """Out of capacity for now: OpenAI clients get ``status``, Anthropic clients 529."""
+    return ErrorSpec(status, openai_type, code, "overloaded_error", retry_after=retry_after,
+                     anthropic_status=529)
+
+
+REASONS: Final[Mapping[Reason, ErrorSpec]] = {
+    Reason.INVALID_REQUEST: ErrorSpec(400, _INVALID, None, _INVALID),
+    Reason.PROMPT_TOO_LONG: ErrorSpec(400, _INVALID, "context_length_exceeded", _INVALID),
+    Reason.TEMPLATE_ERROR: ErrorSpec(400, _INVALID, "invalid_messages", _INVALID),
+    Reason.UNSUPPORTED: ErrorSpec(400, _INVALID, "unsupported_parameter", _INVALID),
+    Reason.UNSUPPORTED_ARCHITECTURE: ErrorSpec(422, _INVALID, "unsupported_architecture",
+                                               _INVALID),
+    Reason.UNAUTHORIZED: ErrorSpec(401, "authentication_error", "invalid_api_key",
+                                   "authentication_error"),
+    Reason.MODEL_NOT_FOUND: ErrorSpec(404, _INVALID, "model_not_found", "not_found_error"),
+    Reason.NOT_FOUND: ErrorSpec(404, _INVALID, "not_found", "not_found_error"),
+    Reason.ROUTE_NOT_FOUND: ErrorSpec(404, _INVALID, "not_found", "not_found_error"),
+    Reason.METHOD_NOT_ALLOWED: ErrorSpec(405, _INVALID, "method_not_allowed", _INVALID),
+    Reason.TOO_LARGE: ErrorSpec(413, _INVALID, "request_too_large", "request_too_large"),
+    Reason.OVERLOADED: _capacity(429, "rate_limit_error", "rate_limit_exceeded", 1),
+    Reason.MODEL_NOT_LOADED: _capacity(503, "server_error", "model_not_loaded", 1),
+    Reason.NO_WORKER: _capacity(503, "server_error", "no_worker", 5),
+    Reason.MODEL_LOADING: _capacity(503, "server_error", "model_loading", 5),
+    Reason.INSUFFICIENT_MEMORY: _capacity(503, "server_error", "insufficient_vram", 5),
+    Reason.SHUTTING_DOWN: ErrorSpec(503, "server_error", "shutting_down", "overloaded_error",
+                                    retry_after=1),
+    Reason.BUS_DOWN: ErrorSpec(503, "server_error", "bus_unavailable", "overloaded_error",
+                               retry_after=2),
+    Reason.CANCELLED: ErrorSpec(503, "server_error", "cancelled", "overloaded_error",
+                                retry_after=1),
+    Reason.ENGINE_ERROR: ErrorSpec(502, "server_error", "engine_error", "api_error"),
+    Reason.LOAD_FAILED: ErrorSpec(502, "server_error", "load_failed", "api_error",
+                                  permanent=True),
+    Reason.STREAM_BROKEN: ErrorSpec(502, "server_error", "stream_broken", "api_error"),
+    Reason.BAD_REPLY: ErrorSpec(502, "server_error", "bad_reply", "api_error"),
+    Reason.DEADLINE_EXCEEDED: ErrorSpec(504, "server_error", "timeout", "timeout_error",
+                                        permanent=True),
+    Reason.ACCEPT_TIMEOUT: ErrorSpec(504, "server_error", "timeout", "timeout_error"),
+    Reason.INTERNAL: ErrorSpec(500, "server_error", "internal_error", "api_error"),
 }
 
 
 class ApiError(Exception):
-    """An error answered to an HTTP client, before or during a response."""
+    """A failure answered to an HTTP client, before the response starts or inside its stream."""
 
     def __init__(
         self,
-        status: int,
+        reason: Reason,
         message: str,
         *,
-        type: str | None = None,
-        code: str | None = None,
         param: str | None = None,
-        retry_after: int | None = None,
-        should_retry: bool | None = None,
+        prompt_tokens: int | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.status = status
+        self.reason = reason
+        self.spec = REASONS[reason]
         self.message = message
-        self.type = type or _default_type(status)
-        self.code = code
         self.param = param
-        self.retry_after = retry_after
-        self.should_retry = should_retry
+        self.prompt_tokens = prompt_tokens
+        """For `Reason.PROMPT_TOO_LONG`: dialects word the message from these two."""
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.reason.value!r}, {self.message!r})"
 
     def headers(self) -> dict[str, str]:
-        """``retry-after`` on 429/503, ``x-should-retry: false`` on 5xx that will not go away."""
+        """``retry-after`` where the table gives one; ``x-should-retry: false`` on permanent 5xx."""
         headers: dict[str, str] = {}
-        if self.retry_after is not None:
-            headers["retry-after"] = str(self.retry_after)
-        if self.should_retry is not None:
-            headers["x-should-retry"] = "true" if self.should_retry else "false"
+        if self.spec.retry_after is not None:
+            headers["retry-after"] = str(self.spec.retry_after)
+        if self.spec.permanent:
+            headers["x-should-retry"] = "false"
         return headers
 
 
-def _default_type(status: int) -> str:
-    if status == 401:
-        return "authentication_error"
-    if status == 404:
-        return "invalid_request_error"
-    if status == 429:
-        return "rate_limit_error"
-    return "server_error" if status >= 500 else "invalid_request_error"
-
-
-def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
+def bad_request(message: str, *, param: str | None = None) -> ApiError:
+    return ApiError(Reason.INVALID_REQUEST, message, param=param)
 
 
 def model_not_found(model: str) -> ApiError:
     return ApiError(
-        404,
+        Reason.MODEL_NOT_FOUND,
         f"model '{model}' not found on any node and not in catalogue",
-        code="model_not_found",
         param="model",
     )
 
 
 def from_job_failure(failure: JobFailed) -> ApiError:
-    """The HTTP error for a job the neuron refused or failed."""
-    spec = ERRORS.get(failure.code, ErrorSpec(502, "server_error", failure.code.value))
-    message = failure.message
-    if failure.code is ErrorCode.PROMPT_TOO_LONG and failure.prompt_tokens is not None:
-        message = (
-            f"This model's maximum context length is {failure.max_prompt_tokens} tokens. "
-            f"However, your messages resulted in {failure.prompt_tokens} tokens. "
-            "Please reduce the length of the messages."
-        )
-    return ApiError(
-        spec.status,
-        message,
-        type=spec.openai_type,
-        code=spec.openai_code,
-        param="messages" if failure.code is ErrorCode.PROMPT_TOO_LONG else None,
-        retry_after=spec.retry_after,
-        should_retry=None if failure.retryable or spec.status < 500 else False,
-    )
-
-
-class _OpenAIErrorDetail(msgspec.Struct, frozen=True):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class _OpenAIError(msgspec.Struct, frozen=True):
-    error: _OpenAIErrorDetail
-
-
-_encoder: Final = msgspec.json.Encoder()
-
-
-def openai_error_body(error: ApiError) -> bytes:
-    """``{"error": {"message", "type", "param", "code"}}``."""
-    return _encoder.encode(
-        _OpenAIError(_OpenAIErrorDetail(error.message, error.type, error.param, error.code))
-    )
-
-
-def render_error(error: ApiError, path: str) -> bytes:
-    """The error body in the dialect of the route at ``path``."""
-    del path  # one dialect today; /v1/messages will answer in Anthropic's shape
-    return openai_error_body(error)
+    """The error for a job the neuron refused or failed."""
+    reason = Reason(failure.code.value)
+    if failure.code is ErrorCode.PROMPT_TOO_LONG:
+        return ApiError(reason, failure.message, param="messages",
+                        prompt_tokens=failure.prompt_tokens,
+                        max_prompt_tokens=failure.max_prompt_tokens)
+    return ApiError(reason, failure.message)

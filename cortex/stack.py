@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
@@ -25,6 +25,7 @@ import uvicorn
 from cortex.app import create_app
 from cortex.bus import GatewayBus
 from cortex.embedded_nats import EmbeddedNatsServer
+from cortex.fleet import FleetView
 from cortex.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ async def _serve_gateway(
     neuron: subprocess.Popen[bytes],
     options: StackOptions,
 ) -> int:
-    app = create_app(settings, nats_url=nats_url)
+    bus = GatewayBus(replace(settings, nats_url=nats_url), FleetView())
+    app = create_app(bus.settings, bus=bus)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=options.log_level,
         lifespan="on", timeout_graceful_shutdown=5, log_config=None,
@@ -137,8 +139,7 @@ async def _serve_gateway(
                 exit_code = 1
                 server.should_exit = True
                 return
-            bus: GatewayBus | None = getattr(app.state, "bus", None)
-            if not announced and bus is not None:
+            if not announced and bus.connected:
                 ready = [m for m in bus.fleet.model_ids() if bus.fleet.routable(m)]
                 if ready:
                     announced = True

@@ -9,10 +9,13 @@ import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
+import anthropic
 import openai
 import uvicorn
 
 from cortex.app import create_app
+from cortex.bus import GatewayBus
+from cortex.fleet import FleetView
 from cortex.settings import GatewaySettings
 from neuron.engines.base import Engine
 from neuron.settings import ModelSpec, NeuronSettings
@@ -49,6 +52,7 @@ class LocalStack:
         self._engine = engine
         self.base_url = f"http://127.0.0.1:{port}"
         self.worker: Worker | None = None
+        self.bus: GatewayBus | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: uvicorn.Server | None = None
         self._stop: asyncio.Event | None = None
@@ -78,6 +82,10 @@ class LocalStack:
         """The real OpenAI SDK pointed at this gateway (no retries: tests see every status)."""
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0)
 
+    def anthropic_client(self) -> anthropic.Anthropic:
+        """The real Anthropic SDK pointed at this gateway (no retries: tests see every status)."""
+        return anthropic.Anthropic(base_url=self.base_url, api_key="unused", max_retries=0)
+
     def __enter__(self) -> LocalStack:
         return self.start()
 
@@ -98,7 +106,8 @@ class LocalStack:
         await self.worker.start()
         async with asyncio.timeout(60):
             await self.worker.ready.wait()
-        app = create_app(self.gateway_settings, nats_url=self.gateway_settings.nats_url or "")
+        self.bus = GatewayBus(self.gateway_settings, FleetView())
+        app = create_app(self.gateway_settings, bus=self.bus)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.gateway_settings.port,
                                 log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)

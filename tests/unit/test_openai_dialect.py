@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from bus_schema.messages import JobRequest
+from cortex.dialects.openai.translate import chat_draft, parse_chat_request
+from cortex.dispatch import stamp
 from cortex.errors import ApiError
-from cortex.openai_dialect import parse_chat_request, to_job
 from cortex.settings import GatewaySettings
 
 SETTINGS = GatewaySettings(gateway_id="gw-test")
 
 
-def job_for(body: bytes):  # type: ignore[no-untyped-def]
-    return to_job(parse_chat_request(body), model="m/x", job_id="j1", settings=SETTINGS)
+def job_for(body: bytes) -> JobRequest:
+    return stamp(chat_draft(parse_chat_request(body), model="m/x"), SETTINGS, job_id="j1")
 
 
 def test_content_parts_are_flattened_and_developer_becomes_system() -> None:
@@ -60,7 +62,7 @@ def test_assistant_tool_calls_in_history_are_carried() -> None:
         (b'{"model":"m","messages":[{"role":"user","content":[{"type":"image_url",'
          b'"image_url":{"url":"data:x"}}]}]}', "messages[0].content[0].type"),
         (b'{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]}',
-         "tools"),
+         "tools[0]"),
         (b'{"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a",""]}', "stop"),
         (b'{"model":"m","messages":[{"role":"user","content":"x"}],"top_p":0}', "top_p"),
         (b'{"model":"m","messages":[{"role":"user","content":"x"}],"top_k":-1}', "top_k"),
@@ -71,5 +73,5 @@ def test_assistant_tool_calls_in_history_are_carried() -> None:
 def test_unsupported_or_invalid_values_are_400_with_param(body: bytes, param: str) -> None:
     with pytest.raises(ApiError) as info:
         job_for(body)
-    assert info.value.status == 400
+    assert info.value.spec.status == 400
     assert info.value.param == param

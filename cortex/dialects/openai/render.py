@@ -1,0 +1,220 @@
+"""Relay outcomes in OpenAI's shapes: ``chat.completion`` and ``text_completion`` bodies, their SSE
+chunks (``data: <json>\\n\\n``, LF endings, no ``event:`` lines, REFERENCE §7.3) and the error body.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Final, assert_never
+
+import msgspec
+
+from cortex.dialects.openai.shapes import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorBody,
+    ErrorDetail,
+    FunctionCallOut,
+    FunctionDelta,
+    TextChoice,
+    TextCompletion,
+    ToolCallDeltaOut,
+    ToolCallOut,
+    Usage,
+)
+from cortex.errors import ApiError, Reason
+from cortex.relay import (
+    Completion,
+    Failed,
+    Finished,
+    KeepAlive,
+    Outcome,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+)
+
+_encoder: Final = msgspec.json.Encoder()
+KEEPALIVE: Final = b": keepalive\n\n"
+DONE: Final = b"data: [DONE]\n\n"
+
+
+def error_body(error: ApiError) -> bytes:
+    """``{"error": {"message", "type", "param", "code"}}``."""
+    message = error.message
+    if error.reason is Reason.PROMPT_TOO_LONG and error.prompt_tokens is not None:
+        message = (
+            f"This model's maximum context length is {error.max_prompt_tokens} tokens. "
+            f"However, your messages resulted in {error.prompt_tokens} tokens. "
+            "Please reduce the length of the messages."
+        )
+    spec = error.spec
+    return _encoder.encode(
+        ErrorBody(ErrorDetail(message, spec.openai_type, error.param, spec.openai_code))
+    )
+
+
+def _usage(finished: Finished) -> Usage:
+    return Usage(prompt_tokens=finished.prompt_tokens,
+                 completion_tokens=finished.completion_tokens,
+                 total_tokens=finished.prompt_tokens + finished.completion_tokens)
+
+
+def chat_completion(
+    done: Completion, *, completion_id: str, created: int, model: str
+) -> bytes:
+    """A non-streaming ``chat.completion`` body (REFERENCE §7.2)."""
+    calls = [
+        ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+        for c in done.tool_calls
+    ]
+    message = AssistantMessage(
+        content=done.text or (None if calls else ""),
+        reasoning_content=done.reasoning or None,
+        tool_calls=calls or None,
+    )
+    return _encoder.encode(ChatCompletion(
+        id=completion_id, created=created, model=model,
+        choices=[Choice(index=0, message=message, finish_reason=done.finished.reason)],
+        usage=_usage(done.finished),
+    ))
+
+
+def text_completion(
+    done: Completion, *, completion_id: str, created: int, model: str
+) -> bytes:
+    """A non-streaming legacy ``text_completion`` body."""
+    return _encoder.encode(TextCompletion(
+        id=completion_id, created=created, model=model,
+        choices=[TextChoice(index=0, text=done.text, finish_reason=done.finished.reason)],
+        usage=_usage(done.finished),
+    ))
+
+
+class ChatChunks:
+    """Renders one chat stream's SSE events."""
+
+    def __init__(self, *, completion_id: str, created: int, model: str) -> None:
+        self._id = completion_id
+        self._created = created
+        self._model = model
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
+        body = _encoder.encode(ChatCompletionChunk(
+            id=self._id, created=self._created, model=self._model, choices=choices, usage=usage
+        ))
+        return b"data: " + body + b"\n\n"
+
+    def _delta(self, delta: Delta) -> bytes:
+        return self._chunk([ChunkChoice(index=0, delta=delta)])
+
+    def role(self) -> bytes:
+        """The first chunk: the assistant role (the only delta that carries it)."""
+        return self._delta(Delta(role="assistant", content=""))
+
+    def content(self, text: str) -> bytes:
+        return self._delta(Delta(content=text))
+
+    def reasoning(self, text: str) -> bytes:
+        return self._delta(Delta(reasoning_content=text))
+
+    def tool_call(self, call: ToolCallDelta) -> bytes:
+        """Two chunks: id, type and name with empty arguments, then the arguments."""
+        head = ToolCallDeltaOut(index=call.index, id=call.id, type="function",
+                                function=FunctionDelta(name=call.name, arguments=""))
+        body = ToolCallDeltaOut(index=call.index, function=FunctionDelta(arguments=call.arguments))
+        return self._delta(Delta(tool_calls=[head])) + self._delta(Delta(tool_calls=[body]))
+
+    def finish(self, reason: str) -> bytes:
+        return self._chunk([ChunkChoice(index=0, delta=Delta(), finish_reason=reason)])
+
+    def usage(self, finished: Finished) -> bytes:
+        """The ``choices: []`` usage chunk (only with ``stream_options.include_usage``)."""
+        return self._chunk([], _usage(finished))
+
+
+class TextChunks:
+    """Renders one legacy completion stream's SSE events."""
+
+    def __init__(self, *, completion_id: str, created: int, model: str) -> None:
+        self._id = completion_id
+        self._created = created
+        self._model = model
+
+    def _chunk(self, choices: list[TextChoice], usage: Usage | None = None) -> bytes:
+        body = _encoder.encode(TextCompletion(
+            id=self._id, created=self._created, model=self._model, choices=choices, usage=usage
+        ))
+        return b"data: " + body + b"\n\n"
+
+    def text(self, text: str) -> bytes:
+        return self._chunk([TextChoice(index=0, text=text)])
+
+    def finish(self, reason: str) -> bytes:
+        return self._chunk([TextChoice(index=0, text="", finish_reason=reason)])
+
+    def usage(self, finished: Finished) -> bytes:
+        return self._chunk([], _usage(finished))
+
+
+def error_event(error: ApiError) -> bytes:
+    """A mid-stream error event (sent after the 200; followed by ``[DONE]``)."""
+    return b"data: " + error_body(error) + b"\n\n"
+
+
+async def chat_sse(
+    outcomes: AsyncGenerator[Outcome, None], chunks: ChatChunks, *, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """A chat stream as SSE; ends with ``[DONE]``. Never raises (except a disconnect's
+    `CancelledError`), so Litestar never aborts the connection mid-stream."""
+    async with contextlib.aclosing(outcomes):
+        yield chunks.role()
+        async for outcome in outcomes:
+            match outcome:
+                case TextDelta(text=text):
+                    yield chunks.content(text)
+                case ReasoningDelta(text=text):
+                    yield chunks.reasoning(text)
+                case ToolCallDelta():
+                    yield chunks.tool_call(outcome)
+                case KeepAlive():
+                    yield KEEPALIVE
+                case Finished():
+                    yield chunks.finish(outcome.reason)
+                    if include_usage:
+                        yield chunks.usage(outcome)
+                case Failed(error=error):
+                    yield error_event(error)
+                case _:
+                    assert_never(outcome)
+        yield DONE
+
+
+async def text_sse(
+    outcomes: AsyncGenerator[Outcome, None], chunks: TextChunks, *, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """A legacy completion stream as SSE. Prompt jobs are not output-routed on the neuron, so
+    reasoning and tool-call outcomes do not occur; were one to, its text is passed through."""
+    async with contextlib.aclosing(outcomes):
+        async for outcome in outcomes:
+            match outcome:
+                case TextDelta(text=text) | ReasoningDelta(text=text):
+                    yield chunks.text(text)
+                case ToolCallDelta(arguments=arguments):
+                    yield chunks.text(arguments)
+                case KeepAlive():
+                    yield KEEPALIVE
+                case Finished():
+                    yield chunks.finish(outcome.reason)
+                    if include_usage:
+                        yield chunks.usage(outcome)
+                case Failed(error=error):
+                    yield error_event(error)
+                case _:
+                    assert_never(outcome)
+        yield DONE

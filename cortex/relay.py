@@ -1,0 +1,187 @@
+"""The one relay: a job's event stream as typed, dialect-neutral outcomes.
+
+`relay` turns the events after `JobAccepted` into `Outcome`s — text, reasoning and tool-call
+deltas, keep-alives, and exactly one terminal `Finished` or `Failed` — and never raises (except the
+`CancelledError` of a client that went away). On the way out, however it ends, it cancels the job
+on its neuron if the job is still running and stops routing the job's inbox.
+
+`collect` is the same relay folded into one `Completion`, for non-streaming answers; it stops the
+job if the HTTP client disconnects first. Dialects only render outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal, assert_never
+
+from bus_schema.messages import JobAccepted, JobFailed, JobFinished, TokenChunk
+from cortex.bus import BusError, JobStream, Keepalive
+from cortex.errors import ApiError, Reason, from_job_failure
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """One complete tool call (the neuron parses a call whole before sending it)."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
+    """JSON text of the arguments object."""
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    stop_sequence: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: ApiError
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive:
+    """The stream was silent for a keep-alive interval (dialects send a comment or a ping)."""
+
+
+Delta = TextDelta | ReasoningDelta | ToolCallDelta
+Outcome = TextDelta | ReasoningDelta | ToolCallDelta | Finished | Failed | KeepAlive
+
+_KEEPALIVE = KeepAlive()
+
+
+def _stream_broken(exc: BusError) -> ApiError:
+    return ApiError(Reason.STREAM_BROKEN, f"the stream from the neuron broke: {exc}")
+
+
+async def relay(stream: JobStream, accepted: JobAccepted) -> AsyncGenerator[Outcome, None]:
+    """Outcomes of an accepted job, ending with exactly one `Finished` or `Failed`."""
+    tool_calls = 0
+    try:
+        async for event in stream.events():
+            if isinstance(event, Keepalive):
+                yield _KEEPALIVE
+                continue
+            match event:
+                case TokenChunk():
+                    if event.reasoning:
+                        yield ReasoningDelta(event.reasoning)
+                    if event.text:
+                        yield TextDelta(event.text)
+                    for call in event.tool_calls:
+                        tool_calls += 1
+                        yield ToolCallDelta(call.index, call.id, call.name, call.arguments)
+                case JobFinished(finish_reason="cancelled"):
+                    yield Failed(ApiError(Reason.CANCELLED,
+                                          f"the job was cancelled on neuron '{stream.node}'"))
+                    return
+                case JobFinished(usage=usage):
+                    reason: FinishReason = (
+                        "tool_calls" if tool_calls and event.finish_reason == "stop"
+                        else "length" if event.finish_reason == "length" else "stop"
+                    )
+                    yield Finished(reason, accepted.prompt_tokens, usage.completion_tokens,
+                                   event.stop_sequence)
+                    return
+                case JobFailed():
+                    yield Failed(from_job_failure(event))
+                    return
+                case JobAccepted():
+                    yield Failed(ApiError(Reason.BAD_REPLY, "the neuron accepted the job twice"))
+                    return
+                case _:
+                    assert_never(event)
+        yield Failed(_stream_broken(BusError("stream ended without a terminal event")))
+    except BusError as exc:
+        log.warning("job=%s stream broke: %s", stream.job.job_id, exc)
+        yield Failed(_stream_broken(exc))
+    finally:
+        if not stream.finished:
+            log.info("job=%s client went away; cancelling on %s", stream.job.job_id, stream.node)
+            await stream.cancel()
+        stream.close()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole generation, folded from its outcomes."""
+
+    text: str
+    reasoning: str
+    tool_calls: tuple[ToolCallDelta, ...]
+    finished: Finished
+
+
+async def fold(outcomes: AsyncGenerator[Outcome, None]) -> Completion:
+    """Fold a relay into a `Completion`.
+
+    Raises:
+        ApiError: the job failed.
+    """
+    text: list[str] = []
+    reasoning: list[str] = []
+    calls: list[ToolCallDelta] = []
+    async for outcome in outcomes:
+        match outcome:
+            case TextDelta(text=piece):
+                text.append(piece)
+            case ReasoningDelta(text=piece):
+                reasoning.append(piece)
+            case ToolCallDelta():
+                calls.append(outcome)
+            case Finished():
+                return Completion("".join(text), "".join(reasoning), tuple(calls), outcome)
+            case Failed(error=error):
+                raise error
+            case KeepAlive():
+                pass
+            case _:
+                assert_never(outcome)
+    raise _stream_broken(BusError("the relay ended without a terminal outcome"))
+
+
+async def collect(
+    stream: JobStream, accepted: JobAccepted, disconnected: Callable[[], Awaitable[None]]
+) -> Completion:
+    """`fold(relay(...))`, but stop the job on the neuron if ``disconnected`` returns first.
+
+    Raises:
+        ApiError: the job failed.
+        asyncio.CancelledError: the client went away.
+    """
+    outcomes = relay(stream, accepted)
+    folding = asyncio.ensure_future(fold(outcomes))
+    watching = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({folding, watching}, return_when=asyncio.FIRST_COMPLETED)
+        if not folding.done():
+            folding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await folding
+            raise asyncio.CancelledError  # nobody is listening any more
+        return folding.result()
+    finally:
+        watching.cancel()
+        await outcomes.aclose()  # runs the relay's cleanup (cancel on the neuron, inbox)
