@@ -17,21 +17,34 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Final, assert_never
 
 from bus_schema.errors import ErrorCode
 from bus_schema.messages import (
     ChatMessage,
+    EmittedToolCall,
     JobAccepted,
     JobEvent,
     JobFailed,
     JobFinished,
     JobRequest,
+    TemplateValue,
     Timings,
     TokenChunk,
+    ToolDefinition,
     Usage,
 )
 from neuron.engines.base import Finish, GenerationParams, LoadedModel, Step
 from neuron.errors import ChatTemplateError
+from neuron.output_router import (
+    OutputRouter,
+    Piece,
+    ReasoningPiece,
+    TextPiece,
+    ToolCallPiece,
+    prompt_opens_reasoning,
+)
 from neuron.residency import ModelSlot
 from neuron.settings import NeuronSettings
 
@@ -82,18 +95,101 @@ def template_messages(messages: tuple[ChatMessage, ...]) -> list[dict[str, objec
     return out
 
 
-def prepare_prompt(model: LoadedModel, job: JobRequest) -> list[int]:
-    """Render (for chat jobs) and tokenise; blocking, CPU-bound (run off the loop).
+def template_tools(tools: tuple[ToolDefinition, ...]) -> list[dict[str, object]]:
+    """Bus tool definitions → OpenAI-shaped tools, as chat templates (and the router) expect."""
+    out: list[dict[str, object]] = []
+    for tool in tools:
+        function: dict[str, object] = {"name": tool.name, "parameters": tool.parameters}
+        if tool.description is not None:
+            function["description"] = tool.description
+        out.append({"type": "function", "function": function})
+    return out
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    ids: list[int]
+    tools: list[dict[str, object]]
+
+
+def prepare_prompt(
+    model: LoadedModel,
+    *,
+    messages: tuple[ChatMessage, ...] = (),
+    prompt: str | None = None,
+    tools: tuple[ToolDefinition, ...] = (),
+    chat_template_kwargs: Mapping[str, TemplateValue] | None = None,
+) -> Prompt:
+    """Render (for chat input) and tokenise; blocking, CPU-bound (run off the loop). Jobs and
+    ``ctl.tokenize`` both count with this one function, so their counts agree.
 
     Raises:
         ChatTemplateError: the template refused the messages.
     """
-    if job.prompt is not None:
-        return model.encode(job.prompt)
+    if prompt is not None:
+        return Prompt(prompt, model.encode(prompt), [])
+    shaped = template_tools(tools)
     text = model.render_chat(
-        template_messages(job.messages), template_kwargs=job.chat_template_kwargs or None
+        template_messages(messages), tools=shaped or None,
+        template_kwargs=chat_template_kwargs or None,
     )
-    return model.encode(text)
+    return Prompt(text, model.encode(text), shaped)
+
+
+def job_prompt(model: LoadedModel, job: JobRequest) -> Prompt:
+    return prepare_prompt(model, messages=job.messages, prompt=job.prompt, tools=job.tools,
+                          chat_template_kwargs=job.chat_template_kwargs)
+
+
+class _ChunkBuilder:
+    """Collects routed output for the next `TokenChunk`, whose fields have a fixed order
+    (reasoning, text, tool calls): a piece that would go back in that order starts a new chunk."""
+
+    def __init__(self, job_id: str) -> None:
+        self._job_id = job_id
+        self.seq = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._ids: list[int] = []
+        self._reasoning: list[str] = []
+        self._text: list[str] = []
+        self._calls: list[EmittedToolCall] = []
+        self._stage = 0
+
+    def add_ids(self, ids: list[int]) -> None:
+        self._ids.extend(ids)
+
+    def fits(self, piece: Piece) -> bool:
+        return _STAGE[type(piece)] >= self._stage
+
+    def add(self, piece: Piece) -> None:
+        match piece:
+            case ReasoningPiece(text=text):
+                self._reasoning.append(text)
+            case TextPiece(text=text):
+                self._text.append(text)
+            case ToolCallPiece():
+                self._calls.append(EmittedToolCall(index=piece.index, id=piece.id,
+                                                   name=piece.name, arguments=piece.arguments))
+            case _:
+                assert_never(piece)
+        self._stage = _STAGE[type(piece)]
+
+    def take(self) -> TokenChunk | None:
+        """The chunk collected so far (None when there is nothing to send)."""
+        if not (self._reasoning or self._text or self._calls):
+            return None
+        self.seq += 1
+        chunk = TokenChunk(job_id=self._job_id, seq=self.seq, text="".join(self._text),
+                           reasoning="".join(self._reasoning), tool_calls=tuple(self._calls),
+                           token_ids=tuple(self._ids))
+        self._reset()
+        return chunk
+
+
+_STAGE: Final[dict[type, int]] = {ReasoningPiece: 0, TextPiece: 1, ToolCallPiece: 2}
 
 
 def _fail(
@@ -192,10 +288,11 @@ class JobRunner:
         accepted_at = time.monotonic()
         context = model.info.context_length
         try:
-            prompt_ids = await asyncio.to_thread(prepare_prompt, model, job)
+            prompt = await asyncio.to_thread(job_prompt, model, job)
         except ChatTemplateError as exc:
             await publish(_fail(job, 0, ErrorCode.TEMPLATE_ERROR, str(exc)))
             return
+        prompt_ids = prompt.ids
         limit = min(self._settings.max_prompt_tokens, context - 1)
         if len(prompt_ids) > limit:
             await publish(
@@ -228,6 +325,12 @@ class JobRunner:
         )
         queue: asyncio.Queue[Step | Finish | BaseException | object] = asyncio.Queue()
         deadline = job.deadline
+        expired = threading.Event()
+        # Raw prompts (/v1/completions) are not routed: their output is text, markers included.
+        router = None if job.prompt is not None else OutputRouter(
+            start_in_reasoning=prompt_opens_reasoning(prompt.text), tools=prompt.tools,
+            job_id=job.job_id,
+        )
 
         def produce() -> None:  # on the model's thread
             loop.call_soon_threadsafe(queue.put_nowait, _STARTED)
@@ -235,6 +338,7 @@ class JobRunner:
                 for item in model.generate(prompt_ids, params, cancelled):
                     loop.call_soon_threadsafe(queue.put_nowait, item)
                     if deadline is not None and not cancelled.is_set() and time.time() > deadline:
+                        expired.set()
                         cancelled.set()
             except BaseException as exc:  # noqa: BLE001 - surfaced on the loop as a JobFailed
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
@@ -244,11 +348,27 @@ class JobRunner:
         slot.waiting += 1
         started_at: float | None = None
         future = loop.run_in_executor(slot.executor, produce)
-        seq = 0
+        chunk = _ChunkBuilder(job.job_id)
         finish: Finish | None = None
         error: BaseException | None = None
-        pending_ids: list[int] = []
-        pending_text: list[str] = []
+
+        async def route(text: str, *, final: bool = False) -> None:
+            if router is None:
+                pieces: list[Piece] = [TextPiece(text)] if text else []
+            else:
+                pieces = router.push(text) if text else []
+                if final:
+                    pieces += router.flush()
+            for piece in pieces:
+                if not chunk.fits(piece):
+                    await send()
+                chunk.add(piece)
+
+        async def send() -> None:
+            ready = chunk.take()
+            if ready is not None:
+                await publish(ready)
+
         try:
             while True:
                 item = await queue.get()
@@ -261,20 +381,14 @@ class JobRunner:
                         slot.waiting -= 1
                         slot.running += 1
                     elif isinstance(entry, Step):
-                        pending_ids.append(entry.token_id)
-                        pending_text.append(entry.text)
+                        chunk.add_ids([entry.token_id])
+                        await route(entry.text)
                     elif isinstance(entry, Finish):
                         finish = entry
-                        pending_text.append(entry.text)
+                        await route(entry.text, final=True)
                     elif isinstance(entry, BaseException):
                         error = entry
-                text = "".join(pending_text)
-                if text:
-                    seq += 1
-                    await publish(TokenChunk(job_id=job.job_id, seq=seq, text=text,
-                                             token_ids=tuple(pending_ids)))
-                    pending_ids.clear()
-                    pending_text.clear()
+                await send()
                 if _DONE in batch:
                     break
         except asyncio.CancelledError:
@@ -286,11 +400,16 @@ class JobRunner:
                 slot.waiting -= 1
             else:
                 slot.running -= 1
-        seq += 1
+        seq = chunk.seq + 1
         if finish is None:
             message = f"{type(error).__name__}: {error}" if error else "engine ended without result"
             jlog.error("generation failed: %s", message, exc_info=error)
             await publish(_fail(job, seq, ErrorCode.ENGINE_ERROR, message))
+            return
+        if expired.is_set() and finish.reason == "cancelled":
+            jlog.info("deadline passed after %d tokens; stopped", finish.completion_tokens)
+            await publish(_fail(job, seq, ErrorCode.DEADLINE_EXCEEDED,
+                                "the job's deadline passed before generation finished"))
             return
         queue_s = (started_at or accepted_at) - accepted_at
         reason = finish.reason

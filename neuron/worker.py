@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -382,13 +383,15 @@ class Worker:
         if slot is None or slot.model is None:
             return ControlReply(status=404, code=ErrorCode.MODEL_NOT_LOADED, model=request.model,
                                 message=f"model '{request.model}' not loaded on this neuron")
-        job = JobRequest(job_id="tokenize", model=request.model, messages=request.messages,
-                         prompt=request.prompt)
         try:
-            ids = await asyncio.to_thread(prepare_prompt, slot.model, job)
+            prompt = await asyncio.to_thread(
+                functools.partial(prepare_prompt, slot.model, messages=request.messages,
+                                  prompt=request.prompt, tools=request.tools,
+                                  chat_template_kwargs=request.chat_template_kwargs)
+            )
         except NeuronError as exc:
             return ControlReply(status=400, code=ErrorCode.TEMPLATE_ERROR, message=str(exc))
-        return ControlReply(status=200, model=request.model, tokens=len(ids))
+        return ControlReply(status=200, model=request.model, tokens=len(prompt.ids))
 
     # ------------------------------------------------------------------ connection events
 
