@@ -14,10 +14,12 @@ from litestar.exceptions import HTTPException
 
 from cortex import routes
 from cortex.bus import GatewayBus
+from cortex.dialects.anthropic import routes as anthropic
 from cortex.dialects.openai import routes as openai
 from cortex.errors import ApiError, Reason
 from cortex.http import AnyRequest
 from cortex.settings import GatewaySettings
+from cortex.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,7 @@ ErrorRenderer = Callable[[ApiError], Response[bytes]]
 
 #: Which dialect answers errors on which paths; the first matching prefix wins.
 _DIALECT_ERRORS: Final[tuple[tuple[str, ErrorRenderer], ...]] = (
+    ("/v1/messages", anthropic.error_response),
     ("", openai.error_response),
 )
 
@@ -83,6 +86,10 @@ def create_app(settings: GatewaySettings, *, bus: GatewayBus) -> Litestar:
     def provide_settings() -> GatewaySettings:
         return settings
 
+    counter = TokenCounter(bus)
+
+    def provide_tokens() -> TokenCounter:
+        return counter
 
     return Litestar(
         route_handlers=[
@@ -90,10 +97,12 @@ def create_app(settings: GatewaySettings, *, bus: GatewayBus) -> Litestar:
             routes.list_models,
             routes.get_model,
             openai.router,
+            anthropic.router,
         ],
         dependencies={
             "bus": Provide(provide_bus, sync_to_thread=False, use_cache=True),
             "settings": Provide(provide_settings, sync_to_thread=False, use_cache=True),
+            "tokens": Provide(provide_tokens, sync_to_thread=False, use_cache=True),
         },
         lifespan=[lifespan],
         exception_handlers={

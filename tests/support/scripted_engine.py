@@ -4,9 +4,10 @@ engine on a tiny model."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from neuron.engines.base import (
@@ -32,6 +33,9 @@ class Script:
     """Raise RuntimeError after this many tokens."""
     context_length: int = 64
     load_delay_s: float = 0.0
+    reply: Callable[[str], Sequence[str]] | None = None
+    """Words to say given the rendered prompt (overrides ``words``): a model that answers a tool
+    result differently from a question."""
 
 
 @dataclass
@@ -40,6 +44,8 @@ class ScriptedModel:
     script: Script
     closed: bool = False
     generations: list[tuple[int, ...]] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    last_rendered: str = ""
 
     @property
     def info(self) -> ModelInfo:
@@ -58,17 +64,30 @@ class ScriptedModel:
     ) -> str:
         if messages and messages[0]["role"] == "assistant":
             raise ChatTemplateError("conversation must not start with the assistant")
-        return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
+        rendered = " ".join(f"<{m['role']}> {m['content']}" for m in messages)
+        for message in messages:
+            for call in message.get("tool_calls") or ():  # type: ignore[attr-defined]
+                rendered += f" <call> {json.dumps(call, sort_keys=True)}"
+        if tools:
+            rendered = f"<tools> {json.dumps(list(tools), sort_keys=True)} {rendered}"
+        if template_kwargs and template_kwargs.get("enable_thinking") is False:
+            rendered += " <no_think>"
+        return rendered + " <assistant>"
 
     def encode(self, text: str) -> list[int]:
+        self.last_rendered = text
         return [len(word) for word in text.split()]
 
     def generate(
         self, prompt_ids: Sequence[int], params: GenerationParams, cancelled: threading.Event
     ) -> Iterator[Step | Finish]:
         self.generations.append(tuple(prompt_ids))
+        self.prompts.append(self.last_rendered)
         produced = 0
-        for i, word in enumerate(self.script.words):
+        words = self.script.words
+        if self.script.reply is not None:
+            words = tuple(self.script.reply(self.last_rendered))
+        for i, word in enumerate(words):
             if cancelled.is_set():
                 yield Finish(reason="cancelled", completion_tokens=produced)
                 return

@@ -1,0 +1,74 @@
+"""Anthropic routes: ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``.
+
+Query strings (``?beta=true``) and ``anthropic-beta`` are ignored; ``x-api-key`` and
+``Authorization: Bearer`` are both accepted; every response carries a ``request-id`` header.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+from litestar import Response, Router, post
+from litestar.response import Stream
+
+from cortex.deps import Bus, Settings, Tokens
+from cortex.dialects.anthropic import render
+from cortex.dialects.anthropic.shapes import TokenCount
+from cortex.dialects.anthropic.translate import parse, translate
+from cortex.dispatch import stamp, start_job
+from cortex.errors import ApiError, bad_request
+from cortex.http import SSE, SSE_HEADERS, AnyRequest, disconnect_waiter, json_response
+from cortex.relay import collect, relay
+
+_encoder: Final = msgspec.json.Encoder()
+
+
+def _model(model: str | None) -> str:
+    if not model:
+        raise bad_request("model: Field required", param="model")
+    return model
+
+
+@post("/messages", status_code=200)
+async def messages(
+    request: AnyRequest, bus: Bus, settings: Settings
+) -> Response[bytes] | Stream:
+    body = parse(await request.body())
+    model = _model(body.model)
+    translated = translate(body, model=model,
+                           version=request.headers.get("anthropic-version"))
+    job = stamp(translated.draft, settings)
+    stream, accepted = await start_job(bus, job)
+    msg_id = render.message_id()
+    headers = {"request-id": render.request_id(), "x-request-id": job.job_id}
+    if body.stream:
+        events = render.MessageEvents(msg_id=msg_id, model=model,
+                                      input_tokens=accepted.prompt_tokens,
+                                      thinking=translated.thinking)
+        return Stream(render.message_sse(relay(stream, accepted), events),
+                      media_type=SSE, headers={**SSE_HEADERS, **headers})
+    done = await collect(stream, accepted, disconnect_waiter(request))
+    return json_response(render.message(done, msg_id=msg_id, model=model,
+                                        thinking=translated.thinking), headers=headers)
+
+
+@post("/messages/count_tokens", status_code=200)
+async def count_tokens(request: AnyRequest, tokens: Tokens) -> Response[bytes]:
+    body = parse(await request.body())
+    model = _model(body.model)
+    translated = translate(body, model=model, version=request.headers.get("anthropic-version"),
+                           count_only=True)
+    count = await tokens.count(translated.draft)
+    return json_response(_encoder.encode(TokenCount(input_tokens=count)),
+                         headers={"request-id": render.request_id()})
+
+
+def error_response(error: ApiError) -> Response[bytes]:
+    """An error before the response started, in Anthropic's shape and status."""
+    req_id = render.request_id()
+    return json_response(render.error_body(error, req_id), status=error.spec.status_for_anthropic,
+                         headers={**error.headers(), "request-id": req_id})
+
+
+router: Final = Router(path="/v1", route_handlers=[messages, count_tokens])
