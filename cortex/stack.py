@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
@@ -105,7 +106,8 @@ def run_stack(options: StackOptions) -> int:
             start_new_session=True,  # we stop it ourselves, after the gateway
         )
         settings = GatewaySettings(host=options.host, port=options.port, nats_url=address.url)
-        return asyncio.run(_serve_gateway(settings, address.url, neuron, options))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_serve_gateway(settings, address.url, neuron, options))
     finally:
         if neuron is not None:
             _stop_child(neuron, "neuron")
@@ -160,6 +162,15 @@ async def _serve_gateway(
 
 
 _stop_requested = threading.Event()
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (as `cortex serve` gets from uvicorn)."""
+    try:
+        import uvloop  # optional: not on every platform
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _ignore_signal(signum: int, frame: object) -> None:

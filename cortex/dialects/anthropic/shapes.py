@@ -13,15 +13,16 @@ import msgspec
 # ------------------------------------------------------------------ requests
 
 
-class ImageSource(msgspec.Struct, frozen=True, kw_only=True):
+class ImageSource(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     type: str
     media_type: str | None = None
     data: str | None = None
     url: str | None = None
 
 
-class ContentBlockIn(msgspec.Struct, frozen=True, kw_only=True):
-    """Any content block; which fields matter depends on ``type``."""
+class ContentBlockIn(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Any content block; which fields matter depends on ``type``. Encodes back (a non-text
+    block inside a tool result) with only the fields it was sent with."""
 
     type: str
     text: str | None = None

@@ -21,6 +21,8 @@ _PATH_RE: Final = re.compile(r"at `\$\.?(.*)`$")
 _MAX_STOP: Final = 16
 #: Under this version Anthropic's API refuses sampling parameters; we ignore them (§8.1).
 _NO_SAMPLING_VERSION: Final = "2026-10-21"
+#: Stands in for an image inside a tool result (e.g. a screenshot a tool took).
+IMAGE_OMITTED: Final = "[image omitted: this gateway serves text-only models]"
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,15 @@ def _text(blocks: str | list[ContentBlockIn] | None, joiner: str) -> str:
 
 
 def _tool_result_text(block: ContentBlockIn) -> str:
-    """A tool result's content: text blocks joined, other blocks JSON-encoded."""
+    """A tool result's content: text blocks joined, images replaced by a note (their base64 would
+    flood a text model's context), other blocks JSON-encoded."""
     content = block.content
     if content is None or isinstance(content, str):
         return content or ""
     parts = [
-        b.text or "" if b.type == "text" else _json.encode(b).decode()
+        b.text or "" if b.type == "text"
+        else IMAGE_OMITTED if b.type == "image"
+        else _json.encode(b).decode()
         for b in content
     ]
     return "\n".join(parts)
