@@ -139,31 +139,45 @@ class JobStream:
         self.node = getattr(event, "node", None)
         return event
 
-    async def events(self) -> AsyncIterator[JobEvent | Keepalive]:
-        """Events after the first, ending with the terminal one; `KEEPALIVE` on silence.
+    async def events(self) -> AsyncIterator[list[JobEvent] | Keepalive]:
+        """Events after the first, in batches of whatever had arrived together (so a relay can
+        write them to its client at once), ending with the terminal one; `KEEPALIVE` on silence.
 
         Raises:
             StreamTimeoutError: silent longer than ``stream_idle_timeout_s`` or the node went stale.
-            StreamProtocolError: a gap or an undecodable event.
+            StreamProtocolError: a gap or an undecodable event (after the good events before it).
         """
         settings = self._bus.settings
         last = time.monotonic()
+        queue = self._queue
         while not self.finished:
-            try:
-                async with asyncio.timeout(settings.keepalive_interval_s):
-                    msg = await self._queue.get()
-            except TimeoutError:
-                silent = time.monotonic() - last
-                if self.node is not None and not self._bus.fleet.is_healthy(self.node):
-                    raise StreamTimeoutError(
-                        f"neuron '{self.node}' stopped heartbeating mid-stream"
-                    ) from None
-                if silent > settings.stream_idle_timeout_s:
-                    raise StreamTimeoutError(f"stream silent for {silent:.0f}s") from None
-                yield KEEPALIVE
-                continue
+            if queue.empty():
+                try:
+                    async with asyncio.timeout(settings.keepalive_interval_s):
+                        msg = await queue.get()
+                except TimeoutError:
+                    silent = time.monotonic() - last
+                    if self.node is not None and not self._bus.fleet.is_healthy(self.node):
+                        raise StreamTimeoutError(
+                            f"neuron '{self.node}' stopped heartbeating mid-stream"
+                        ) from None
+                    if silent > settings.stream_idle_timeout_s:
+                        raise StreamTimeoutError(f"stream silent for {silent:.0f}s") from None
+                    yield KEEPALIVE
+                    continue
+            else:
+                msg = queue.get_nowait()
             last = time.monotonic()
-            yield self._decode(msg)
+            batch: list[JobEvent] = []
+            try:
+                batch.append(self._decode(msg))
+                while not self.finished and not queue.empty():
+                    batch.append(self._decode(queue.get_nowait()))
+            except BusError:
+                if batch:
+                    yield batch
+                raise
+            yield batch
 
     async def cancel(self, reason: str = "client disconnected") -> None:
         """Tell the running node to stop (no-op once finished or before acceptance)."""

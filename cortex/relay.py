@@ -1,8 +1,9 @@
 """The one relay: a job's event stream as typed, dialect-neutral outcomes.
 
 `relay` turns the events after `JobAccepted` into `Outcome`s — text, reasoning and tool-call
-deltas, keep-alives, and exactly one terminal `Finished` or `Failed` — and never raises (except the
-`CancelledError` of a client that went away). On the way out, however it ends, it cancels the job
+deltas, keep-alives, and exactly one terminal `Finished` or `Failed` — in batches of what arrived
+together (one write to the client each), and never raises (except the `CancelledError` of a
+client that went away). On the way out, however it ends, it cancels the job
 on its neuron if the job is still running and stops routing the job's inbox.
 
 `collect` is the same relay folded into one `Completion`, for non-streaming answers; it stops the
@@ -18,7 +19,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, assert_never
 
-from bus_schema.messages import JobAccepted, JobFailed, JobFinished, TokenChunk
+from bus_schema.messages import JobAccepted, JobEvent, JobFailed, JobFinished, TokenChunk
 from cortex.bus import BusError, JobStream, Keepalive
 from cortex.errors import ApiError, Reason, from_job_failure
 
@@ -76,47 +77,66 @@ def _stream_broken(exc: BusError) -> ApiError:
     return ApiError(Reason.STREAM_BROKEN, f"the stream from the neuron broke: {exc}")
 
 
-async def relay(stream: JobStream, accepted: JobAccepted) -> AsyncGenerator[Outcome, None]:
-    """Outcomes of an accepted job, ending with exactly one `Finished` or `Failed`."""
+#: What `relay` yields: the outcomes of the events that arrived together, to be written at once.
+Batch = list[Outcome]
+
+
+def _outcomes(
+    event: JobEvent, stream: JobStream, accepted: JobAccepted, tool_calls: int
+) -> tuple[list[Outcome], int, bool]:
+    """One event's outcomes, the running tool-call count, and whether it was terminal."""
+    out: list[Outcome] = []
+    match event:
+        case TokenChunk():
+            if event.reasoning:
+                out.append(ReasoningDelta(event.reasoning))
+            if event.text:
+                out.append(TextDelta(event.text))
+            for call in event.tool_calls:
+                tool_calls += 1
+                out.append(ToolCallDelta(call.index, call.id, call.name, call.arguments))
+            return out, tool_calls, False
+        case JobFinished(finish_reason="cancelled"):
+            out.append(Failed(ApiError(Reason.CANCELLED,
+                                       f"the job was cancelled on neuron '{stream.node}'")))
+        case JobFinished(usage=usage):
+            reason: FinishReason = (
+                "tool_calls" if tool_calls and event.finish_reason == "stop"
+                else "length" if event.finish_reason == "length" else "stop"
+            )
+            out.append(Finished(reason, accepted.prompt_tokens, usage.completion_tokens,
+                                event.stop_sequence))
+        case JobFailed():
+            out.append(Failed(from_job_failure(event)))
+        case JobAccepted():
+            out.append(Failed(ApiError(Reason.BAD_REPLY, "the neuron accepted the job twice")))
+        case _:
+            assert_never(event)
+    return out, tool_calls, True
+
+
+async def relay(stream: JobStream, accepted: JobAccepted) -> AsyncGenerator[Batch, None]:
+    """Outcomes of an accepted job, in batches; the last batch ends with exactly one `Finished`
+    or `Failed`."""
     tool_calls = 0
     try:
-        async for event in stream.events():
-            if isinstance(event, Keepalive):
-                yield _KEEPALIVE
+        async for events in stream.events():
+            if isinstance(events, Keepalive):
+                yield [_KEEPALIVE]
                 continue
-            match event:
-                case TokenChunk():
-                    if event.reasoning:
-                        yield ReasoningDelta(event.reasoning)
-                    if event.text:
-                        yield TextDelta(event.text)
-                    for call in event.tool_calls:
-                        tool_calls += 1
-                        yield ToolCallDelta(call.index, call.id, call.name, call.arguments)
-                case JobFinished(finish_reason="cancelled"):
-                    yield Failed(ApiError(Reason.CANCELLED,
-                                          f"the job was cancelled on neuron '{stream.node}'"))
+            batch: Batch = []
+            for event in events:
+                outcomes, tool_calls, terminal = _outcomes(event, stream, accepted, tool_calls)
+                batch.extend(outcomes)
+                if terminal:
+                    yield batch
                     return
-                case JobFinished(usage=usage):
-                    reason: FinishReason = (
-                        "tool_calls" if tool_calls and event.finish_reason == "stop"
-                        else "length" if event.finish_reason == "length" else "stop"
-                    )
-                    yield Finished(reason, accepted.prompt_tokens, usage.completion_tokens,
-                                   event.stop_sequence)
-                    return
-                case JobFailed():
-                    yield Failed(from_job_failure(event))
-                    return
-                case JobAccepted():
-                    yield Failed(ApiError(Reason.BAD_REPLY, "the neuron accepted the job twice"))
-                    return
-                case _:
-                    assert_never(event)
-        yield Failed(_stream_broken(BusError("stream ended without a terminal event")))
+            if batch:
+                yield batch
+        yield [Failed(_stream_broken(BusError("stream ended without a terminal event")))]
     except BusError as exc:
         log.warning("job=%s stream broke: %s", stream.job.job_id, exc)
-        yield Failed(_stream_broken(exc))
+        yield [Failed(_stream_broken(exc))]
     finally:
         if not stream.finished:
             log.info("job=%s client went away; cancelling on %s", stream.job.job_id, stream.node)
@@ -134,7 +154,7 @@ class Completion:
     finished: Finished
 
 
-async def fold(outcomes: AsyncGenerator[Outcome, None]) -> Completion:
+async def fold(batches: AsyncGenerator[Batch, None]) -> Completion:
     """Fold a relay into a `Completion`.
 
     Raises:
@@ -143,22 +163,23 @@ async def fold(outcomes: AsyncGenerator[Outcome, None]) -> Completion:
     text: list[str] = []
     reasoning: list[str] = []
     calls: list[ToolCallDelta] = []
-    async for outcome in outcomes:
-        match outcome:
-            case TextDelta(text=piece):
-                text.append(piece)
-            case ReasoningDelta(text=piece):
-                reasoning.append(piece)
-            case ToolCallDelta():
-                calls.append(outcome)
-            case Finished():
-                return Completion("".join(text), "".join(reasoning), tuple(calls), outcome)
-            case Failed(error=error):
-                raise error
-            case KeepAlive():
-                pass
-            case _:
-                assert_never(outcome)
+    async for batch in batches:
+        for outcome in batch:
+            match outcome:
+                case TextDelta(text=piece):
+                    text.append(piece)
+                case ReasoningDelta(text=piece):
+                    reasoning.append(piece)
+                case ToolCallDelta():
+                    calls.append(outcome)
+                case Finished():
+                    return Completion("".join(text), "".join(reasoning), tuple(calls), outcome)
+                case Failed(error=error):
+                    raise error
+                case KeepAlive():
+                    pass
+                case _:
+                    assert_never(outcome)
     raise _stream_broken(BusError("the relay ended without a terminal outcome"))
 
 

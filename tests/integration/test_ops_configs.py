@@ -522,7 +522,7 @@ async def test_the_real_gateway_and_neuron_run_under_their_roles(
                 await asyncio.sleep(0.05)
         stream = await bus.submit(JobRequest(job_id="ops-job", model=MODEL, prompt="hi"))
         assert isinstance(await stream.first(), JobAccepted)
-        events = [e async for e in stream.events()]
+        events = [e async for batch in stream.events() if isinstance(batch, list) for e in batch]
         stream.close()
         assert isinstance(events[-1], JobFinished)
         async with connected(hub.url("observer")) as observer:

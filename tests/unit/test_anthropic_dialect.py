@@ -447,9 +447,12 @@ def parse_events(raw: bytes) -> list[dict[str, Any]]:
     return out
 
 
-async def outcomes_of(*items: Outcome) -> AsyncGenerator[Outcome, None]:
-    for item in items:
-        yield item
+async def outcomes_of(*items: Outcome) -> AsyncGenerator[list[Outcome], None]:
+    """Batches as the relay yields them: one batch per outcome, and the last two together."""
+    *head, last = items
+    for item in head[:-1]:
+        yield [item]
+    yield [*head[-1:], last]
 
 
 async def stream_of(*items: Outcome, thinking: bool) -> list[dict[str, Any]]:

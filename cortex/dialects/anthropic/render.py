@@ -38,11 +38,11 @@ from cortex.dialects.anthropic.shapes import (
 )
 from cortex.errors import ApiError, Reason
 from cortex.relay import (
+    Batch,
     Completion,
     Failed,
     Finished,
     KeepAlive,
-    Outcome,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
@@ -199,26 +199,30 @@ class MessageEvents:
         return _event(ErrorEvent(error=detail))
 
 
-async def message_sse(outcomes: AsyncGenerator[Outcome, None], events: MessageEvents
+async def message_sse(batches: AsyncGenerator[Batch, None], events: MessageEvents
                       ) -> AsyncIterator[bytes]:
-    """A Messages stream. Never raises (except a disconnect's `CancelledError`)."""
-    async with contextlib.aclosing(outcomes):
-        yield events.start()
-        async for outcome in outcomes:
-            match outcome:
-                case TextDelta(text=text):
-                    yield events.text(text)
-                case ReasoningDelta(text=text):
-                    chunk = events.reasoning(text)
-                    if chunk:
-                        yield chunk
-                case ToolCallDelta():
-                    yield events.tool_use(outcome)
-                case KeepAlive():
-                    yield events.ping()
-                case Finished():
-                    yield events.finish(outcome)
-                case Failed(error=error):
-                    yield events.error(error)
-                case _:
-                    assert_never(outcome)
+    """A Messages stream, one write per batch of outcomes. Never raises (except a disconnect's
+    `CancelledError`)."""
+    async with contextlib.aclosing(batches):
+        out = [events.start()]  # goes out with the first batch
+        async for batch in batches:
+            for outcome in batch:
+                match outcome:
+                    case TextDelta(text=text):
+                        out.append(events.text(text))
+                    case ReasoningDelta(text=text):
+                        out.append(events.reasoning(text))
+                    case ToolCallDelta():
+                        out.append(events.tool_use(outcome))
+                    case KeepAlive():
+                        out.append(events.ping())
+                    case Finished():
+                        out.append(events.finish(outcome))
+                    case Failed(error=error):
+                        out.append(events.error(error))
+                    case _:
+                        assert_never(outcome)
+            chunk = b"".join(out)
+            out.clear()
+            if chunk:
+                yield chunk

@@ -29,11 +29,11 @@ from cortex.dialects.openai.shapes import (
 )
 from cortex.errors import ApiError, Reason
 from cortex.relay import (
+    Batch,
     Completion,
     Failed,
     Finished,
     KeepAlive,
-    Outcome,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
@@ -168,53 +168,61 @@ def error_event(error: ApiError) -> bytes:
 
 
 async def chat_sse(
-    outcomes: AsyncGenerator[Outcome, None], chunks: ChatChunks, *, include_usage: bool
+    batches: AsyncGenerator[Batch, None], chunks: ChatChunks, *, include_usage: bool
 ) -> AsyncIterator[bytes]:
-    """A chat stream as SSE; ends with ``[DONE]``. Never raises (except a disconnect's
-    `CancelledError`), so Litestar never aborts the connection mid-stream."""
-    async with contextlib.aclosing(outcomes):
-        yield chunks.role()
-        async for outcome in outcomes:
-            match outcome:
-                case TextDelta(text=text):
-                    yield chunks.content(text)
-                case ReasoningDelta(text=text):
-                    yield chunks.reasoning(text)
-                case ToolCallDelta():
-                    yield chunks.tool_call(outcome)
-                case KeepAlive():
-                    yield KEEPALIVE
-                case Finished():
-                    yield chunks.finish(outcome.reason)
-                    if include_usage:
-                        yield chunks.usage(outcome)
-                case Failed(error=error):
-                    yield error_event(error)
-                case _:
-                    assert_never(outcome)
-        yield DONE
+    """A chat stream as SSE, one write per batch of outcomes; ends with ``[DONE]``. Never raises
+    (except a disconnect's `CancelledError`), so Litestar never aborts the connection mid-stream.
+    """
+    async with contextlib.aclosing(batches):
+        out = [chunks.role()]  # goes out with the first batch
+        async for batch in batches:
+            for outcome in batch:
+                match outcome:
+                    case TextDelta(text=text):
+                        out.append(chunks.content(text))
+                    case ReasoningDelta(text=text):
+                        out.append(chunks.reasoning(text))
+                    case ToolCallDelta():
+                        out.append(chunks.tool_call(outcome))
+                    case KeepAlive():
+                        out.append(KEEPALIVE)
+                    case Finished():
+                        out.append(chunks.finish(outcome.reason))
+                        if include_usage:
+                            out.append(chunks.usage(outcome))
+                        out.append(DONE)
+                    case Failed(error=error):
+                        out.extend((error_event(error), DONE))
+                    case _:
+                        assert_never(outcome)
+            yield b"".join(out)
+            out.clear()
 
 
 async def text_sse(
-    outcomes: AsyncGenerator[Outcome, None], chunks: TextChunks, *, include_usage: bool
+    batches: AsyncGenerator[Batch, None], chunks: TextChunks, *, include_usage: bool
 ) -> AsyncIterator[bytes]:
     """A legacy completion stream as SSE. Prompt jobs are not output-routed on the neuron, so
     reasoning and tool-call outcomes do not occur; were one to, its text is passed through."""
-    async with contextlib.aclosing(outcomes):
-        async for outcome in outcomes:
-            match outcome:
-                case TextDelta(text=text) | ReasoningDelta(text=text):
-                    yield chunks.text(text)
-                case ToolCallDelta(arguments=arguments):
-                    yield chunks.text(arguments)
-                case KeepAlive():
-                    yield KEEPALIVE
-                case Finished():
-                    yield chunks.finish(outcome.reason)
-                    if include_usage:
-                        yield chunks.usage(outcome)
-                case Failed(error=error):
-                    yield error_event(error)
-                case _:
-                    assert_never(outcome)
-        yield DONE
+    async with contextlib.aclosing(batches):
+        out: list[bytes] = []
+        async for batch in batches:
+            for outcome in batch:
+                match outcome:
+                    case TextDelta(text=text) | ReasoningDelta(text=text):
+                        out.append(chunks.text(text))
+                    case ToolCallDelta(arguments=arguments):
+                        out.append(chunks.text(arguments))
+                    case KeepAlive():
+                        out.append(KEEPALIVE)
+                    case Finished():
+                        out.append(chunks.finish(outcome.reason))
+                        if include_usage:
+                            out.append(chunks.usage(outcome))
+                        out.append(DONE)
+                    case Failed(error=error):
+                        out.extend((error_event(error), DONE))
+                    case _:
+                        assert_never(outcome)
+            yield b"".join(out)
+            out.clear()
