@@ -1,0 +1,116 @@
+"""OpenAI error paths end to end: each failure gets OpenAI's shape and the status from the one
+error table, before the 200 as a real status and after it as an error event then ``[DONE]``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from cortex.embedded_nats import EmbeddedNatsServer
+from cortex.settings import GatewaySettings
+from neuron.settings import ModelSpec, NeuronSettings
+from tests.support.scripted_engine import Script, ScriptedEngine
+from tests.support.stack import LocalStack
+
+pytestmark = pytest.mark.e2e
+MODEL = "test-org/errors-1.0"
+HI = [{"role": "user", "content": "hi"}]
+
+
+def model_file(tmp_path: Path) -> str:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"")
+    return str(path)
+
+
+def sse_events(response: httpx.Response) -> list[bytes]:
+    return [line.encode() for line in response.iter_lines() if line.startswith("data: ")]
+
+
+@pytest.fixture(scope="module")
+def slow_stack(
+    nats_server: EmbeddedNatsServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
+    """One job slot, a model that takes ~2 s, and jobs that expire after 0.5 s."""
+    script = Script(words=tuple(f" w{i}" for i in range(20)), token_delay_s=0.1)
+    with LocalStack(
+        nats_url=nats_server.url, root="e2e-openai-errors", engine=ScriptedEngine(script),
+        models=[ModelSpec(source=model_file(tmp_path_factory.mktemp("slow")),
+                          served_name=MODEL)],
+        neuron=NeuronSettings(max_jobs=1),
+        gateway=GatewaySettings(job_deadline_s=0.5, max_body_bytes=4096),
+    ) as running:
+        yield running
+
+
+def test_expired_deadline_is_504_timeout(slow_stack: LocalStack) -> None:
+    with slow_stack.openai_client() as client, pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model=MODEL, messages=HI)  # type: ignore[arg-type]
+    assert info.value.status_code == 504
+    body = info.value.body
+    assert isinstance(body, dict) and body["code"] == "timeout"
+    assert "deadline" in body["message"]
+    assert info.value.response.headers["x-should-retry"] == "false"
+
+
+def test_expired_deadline_mid_stream_is_an_error_event(slow_stack: LocalStack) -> None:
+    body = {"model": MODEL, "messages": HI, "stream": True}
+    with httpx.stream("POST", f"{slow_stack.base_url}/v1/chat/completions", json=body,
+                      timeout=10) as response:
+        assert response.status_code == 200
+        events = sse_events(response)
+    assert events[-1] == b"data: [DONE]"
+    error = json.loads(events[-2].removeprefix(b"data: "))["error"]
+    assert (error["type"], error["code"]) == ("server_error", "timeout")
+    assert any(b'"content"' in e for e in events[1:-2]), "some tokens came before the deadline"
+
+
+def test_busy_neuron_is_429_with_retry_after(slow_stack: LocalStack) -> None:
+    body = {"model": MODEL, "messages": HI, "stream": True}
+    with httpx.stream("POST", f"{slow_stack.base_url}/v1/chat/completions", json=body,
+                      timeout=10) as holding:
+        assert holding.status_code == 200  # accepted: the one slot is taken
+        second = httpx.post(f"{slow_stack.base_url}/v1/chat/completions",
+                            json={"model": MODEL, "messages": HI}, timeout=10)
+    assert second.status_code == 429
+    assert second.headers["retry-after"] == "1"
+    error = second.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+
+
+def test_body_over_the_limit_is_413_in_openai_shape(slow_stack: LocalStack) -> None:
+    big = [{"role": "user", "content": "x" * 8000}]
+    response = httpx.post(f"{slow_stack.base_url}/v1/chat/completions",
+                          json={"model": MODEL, "messages": big}, timeout=10)
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "request_too_large")
+
+
+def test_engine_failure_mid_stream_and_before_any_token(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    with LocalStack(
+        nats_url=nats_server.url, root="e2e-openai-engine-fail",
+        engine=ScriptedEngine(Script(fail_after=2)),
+        models=[ModelSpec(source=model_file(tmp_path), served_name=MODEL)],
+    ) as stack:
+        body = {"model": MODEL, "messages": HI, "stream": True}
+        with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body,
+                          timeout=10) as response:
+            assert response.status_code == 200
+            events = sse_events(response)
+        with stack.openai_client() as client, pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model=MODEL, messages=HI)  # type: ignore[arg-type]
+    assert events[-1] == b"data: [DONE]"
+    error = json.loads(events[-2].removeprefix(b"data: "))["error"]
+    assert (error["type"], error["code"]) == ("server_error", "engine_error")
+    content = "".join(json.loads(e.removeprefix(b"data: "))["choices"][0]["delta"]
+                      .get("content", "") for e in events[:-2])
+    assert content == "Hello from"
+    assert info.value.status_code == 502
