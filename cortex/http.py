@@ -1,11 +1,14 @@
-"""HTTP plumbing every dialect shares: JSON responses, SSE headers, disconnect detection."""
+"""HTTP plumbing every dialect shares: JSON responses, event streams, disconnect detection."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 from litestar import Request, Response
+
+from cortex.relay import Batch, Outcome
 
 AnyRequest = Request[Any, Any, Any]
 JSON: Final = "application/json"
@@ -30,3 +33,20 @@ def disconnect_waiter(request: AnyRequest) -> Callable[[], Awaitable[None]]:
                 return
 
     return wait
+
+
+async def write_batches(
+    batches: AsyncGenerator[Batch, None], render: Callable[[Outcome], bytes], *,
+    opening: bytes = b"",
+) -> AsyncIterator[bytes]:
+    """A relay as an event stream: each batch of outcomes rendered by the dialect and written at
+    once (``opening`` goes out with the first). Never raises, except a disconnect's
+    `CancelledError` (an exception escaping a Litestar stream aborts the connection); closing it
+    closes the relay, which cancels a job still running."""
+    async with contextlib.aclosing(batches):
+        pending = opening
+        async for batch in batches:
+            chunk = pending + b"".join(render(outcome) for outcome in batch)
+            pending = b""
+            if chunk:
+                yield chunk

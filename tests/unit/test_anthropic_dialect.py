@@ -13,6 +13,7 @@ from bus_schema.messages import ChatMessage, ToolDefinition
 from cortex.dialects.anthropic import render
 from cortex.dialects.anthropic.translate import Translated, parse, translate
 from cortex.errors import ApiError, Reason
+from cortex.http import write_batches
 from cortex.relay import (
     Completion,
     Failed,
@@ -458,7 +459,8 @@ async def outcomes_of(*items: Outcome) -> AsyncGenerator[list[Outcome], None]:
 async def stream_of(*items: Outcome, thinking: bool) -> list[dict[str, Any]]:
     events = render.MessageEvents(msg_id="msg_1", model="m/x", input_tokens=12,
                                   thinking=thinking)
-    raw = b"".join([chunk async for chunk in render.message_sse(outcomes_of(*items), events)])
+    raw = b"".join([chunk async for chunk in write_batches(outcomes_of(*items), events.render,
+                                                        opening=events.start())])
     return parse_events(raw)
 
 

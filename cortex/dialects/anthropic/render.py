@@ -3,10 +3,8 @@ sequence (§8.5, every event with its ``event:`` line) and the error body (§8.6
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Final, Literal, assert_never
 
 import msgspec
@@ -38,11 +36,11 @@ from cortex.dialects.anthropic.shapes import (
 )
 from cortex.errors import ApiError, Reason
 from cortex.relay import (
-    Batch,
     Completion,
     Failed,
     Finished,
     KeepAlive,
+    Outcome,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
@@ -192,37 +190,25 @@ class MessageEvents:
         ))
         return out + _event(MessageStop())
 
+    def render(self, outcome: Outcome) -> bytes:
+        match outcome:
+            case TextDelta(text=text):
+                return self.text(text)
+            case ReasoningDelta(text=text):
+                return self.reasoning(text)
+            case ToolCallDelta():
+                return self.tool_use(outcome)
+            case KeepAlive():
+                return self.ping()
+            case Finished():
+                return self.finish(outcome)
+            case Failed(error=error):
+                return self.error(error)
+            case _:
+                assert_never(outcome)
+
     @staticmethod
     def error(error: ApiError) -> bytes:
         """``event: error``; the stream then ends without ``message_stop`` (§8.6)."""
         detail = ErrorDetail(type=error.spec.anthropic_type, message=error_message(error))
         return _event(ErrorEvent(error=detail))
-
-
-async def message_sse(batches: AsyncGenerator[Batch, None], events: MessageEvents
-                      ) -> AsyncIterator[bytes]:
-    """A Messages stream, one write per batch of outcomes. Never raises (except a disconnect's
-    `CancelledError`)."""
-    async with contextlib.aclosing(batches):
-        out = [events.start()]  # goes out with the first batch
-        async for batch in batches:
-            for outcome in batch:
-                match outcome:
-                    case TextDelta(text=text):
-                        out.append(events.text(text))
-                    case ReasoningDelta(text=text):
-                        out.append(events.reasoning(text))
-                    case ToolCallDelta():
-                        out.append(events.tool_use(outcome))
-                    case KeepAlive():
-                        out.append(events.ping())
-                    case Finished():
-                        out.append(events.finish(outcome))
-                    case Failed(error=error):
-                        out.append(events.error(error))
-                    case _:
-                        assert_never(outcome)
-            chunk = b"".join(out)
-            out.clear()
-            if chunk:
-                yield chunk

@@ -18,7 +18,14 @@ from cortex.dialects.anthropic.shapes import TokenCount
 from cortex.dialects.anthropic.translate import parse, translate
 from cortex.dispatch import stamp, start_job
 from cortex.errors import ApiError, bad_request
-from cortex.http import SSE, SSE_HEADERS, AnyRequest, disconnect_waiter, json_response
+from cortex.http import (
+    SSE,
+    SSE_HEADERS,
+    AnyRequest,
+    disconnect_waiter,
+    json_response,
+    write_batches,
+)
 from cortex.relay import collect, relay
 
 _encoder: Final = msgspec.json.Encoder()
@@ -46,7 +53,8 @@ async def messages(
         events = render.MessageEvents(msg_id=msg_id, model=model,
                                       input_tokens=accepted.prompt_tokens,
                                       thinking=translated.thinking)
-        return Stream(render.message_sse(relay(stream, accepted), events),
+        return Stream(write_batches(relay(stream, accepted), events.render,
+                                    opening=events.start()),
                       media_type=SSE, headers={**SSE_HEADERS, **headers})
     done = await collect(stream, accepted, disconnect_waiter(request))
     return json_response(render.message(done, msg_id=msg_id, model=model,

@@ -4,8 +4,7 @@ chunks (``data: <json>\\n\\n``, LF endings, no ``event:`` lines, REFERENCE §7.3
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+import abc
 from typing import Final, assert_never
 
 import msgspec
@@ -29,11 +28,11 @@ from cortex.dialects.openai.shapes import (
 )
 from cortex.errors import ApiError, Reason
 from cortex.relay import (
-    Batch,
     Completion,
     Failed,
     Finished,
     KeepAlive,
+    Outcome,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
@@ -96,19 +95,41 @@ def text_completion(
     ))
 
 
-class ChatChunks:
-    """Renders one chat stream's SSE events."""
+class _Chunks(abc.ABC):
+    """One stream's SSE events (``data: <json>\n\n``): the fields every chunk repeats."""
 
-    def __init__(self, *, completion_id: str, created: int, model: str) -> None:
+    def __init__(self, *, completion_id: str, created: int, model: str,
+                 include_usage: bool) -> None:
         self._id = completion_id
         self._created = created
         self._model = model
+        self._include_usage = include_usage
+
+    def _end(self, finish: bytes, finished: Finished) -> bytes:
+        """The finish chunk, the usage chunk (only with ``stream_options.include_usage``, as
+        the last before ``[DONE]``), then ``[DONE]``."""
+        usage = self._usage_chunk(_usage(finished)) if self._include_usage else b""
+        return finish + usage + DONE
+
+    @abc.abstractmethod
+    def _usage_chunk(self, usage: Usage) -> bytes: ...
+
+    @abc.abstractmethod
+    def render(self, outcome: Outcome) -> bytes:
+        """The bytes one relay outcome becomes."""
+
+
+class ChatChunks(_Chunks):
+    """Renders one chat stream's SSE events."""
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
         body = _encoder.encode(ChatCompletionChunk(
             id=self._id, created=self._created, model=self._model, choices=choices, usage=usage
         ))
         return b"data: " + body + b"\n\n"
+
+    def _usage_chunk(self, usage: Usage) -> bytes:
+        return self._chunk([], usage)
 
     def _delta(self, delta: Delta) -> bytes:
         return self._chunk([ChunkChoice(index=0, delta=delta)])
@@ -117,12 +138,6 @@ class ChatChunks:
         """The first chunk: the assistant role (the only delta that carries it)."""
         return self._delta(Delta(role="assistant", content=""))
 
-    def content(self, text: str) -> bytes:
-        return self._delta(Delta(content=text))
-
-    def reasoning(self, text: str) -> bytes:
-        return self._delta(Delta(reasoning_content=text))
-
     def tool_call(self, call: ToolCallDelta) -> bytes:
         """Two chunks: id, type and name with empty arguments, then the arguments."""
         head = ToolCallDeltaOut(index=call.index, id=call.id, type="function",
@@ -130,21 +145,30 @@ class ChatChunks:
         body = ToolCallDeltaOut(index=call.index, function=FunctionDelta(arguments=call.arguments))
         return self._delta(Delta(tool_calls=[head])) + self._delta(Delta(tool_calls=[body]))
 
-    def finish(self, reason: str) -> bytes:
-        return self._chunk([ChunkChoice(index=0, delta=Delta(), finish_reason=reason)])
+    def render(self, outcome: Outcome) -> bytes:
+        match outcome:
+            case TextDelta(text=text):
+                return self._delta(Delta(content=text))
+            case ReasoningDelta(text=text):
+                return self._delta(Delta(reasoning_content=text))
+            case ToolCallDelta():
+                return self.tool_call(outcome)
+            case KeepAlive():
+                return KEEPALIVE
+            case Finished():
+                finish = self._chunk([ChunkChoice(index=0, delta=Delta(),
+                                                  finish_reason=outcome.reason)])
+                return self._end(finish, outcome)
+            case Failed(error=error):
+                return error_event(error) + DONE
+            case _:
+                assert_never(outcome)
 
-    def usage(self, finished: Finished) -> bytes:
-        """The ``choices: []`` usage chunk (only with ``stream_options.include_usage``)."""
-        return self._chunk([], _usage(finished))
 
-
-class TextChunks:
-    """Renders one legacy completion stream's SSE events."""
-
-    def __init__(self, *, completion_id: str, created: int, model: str) -> None:
-        self._id = completion_id
-        self._created = created
-        self._model = model
+class TextChunks(_Chunks):
+    """Renders one legacy completion stream's SSE events. Prompt jobs are not output-routed on
+    the neuron, so reasoning and tool-call outcomes do not occur; were one to, its text would be
+    passed through."""
 
     def _chunk(self, choices: list[TextChoice], usage: Usage | None = None) -> bytes:
         body = _encoder.encode(TextCompletion(
@@ -152,77 +176,30 @@ class TextChunks:
         ))
         return b"data: " + body + b"\n\n"
 
-    def text(self, text: str) -> bytes:
+    def _usage_chunk(self, usage: Usage) -> bytes:
+        return self._chunk([], usage)
+
+    def _text(self, text: str) -> bytes:
         return self._chunk([TextChoice(index=0, text=text)])
 
-    def finish(self, reason: str) -> bytes:
-        return self._chunk([TextChoice(index=0, text="", finish_reason=reason)])
-
-    def usage(self, finished: Finished) -> bytes:
-        return self._chunk([], _usage(finished))
+    def render(self, outcome: Outcome) -> bytes:
+        match outcome:
+            case TextDelta(text=text) | ReasoningDelta(text=text):
+                return self._text(text)
+            case ToolCallDelta(arguments=arguments):
+                return self._text(arguments)
+            case KeepAlive():
+                return KEEPALIVE
+            case Finished():
+                finish = self._chunk([TextChoice(index=0, text="",
+                                                 finish_reason=outcome.reason)])
+                return self._end(finish, outcome)
+            case Failed(error=error):
+                return error_event(error) + DONE
+            case _:
+                assert_never(outcome)
 
 
 def error_event(error: ApiError) -> bytes:
     """A mid-stream error event (sent after the 200; followed by ``[DONE]``)."""
     return b"data: " + error_body(error) + b"\n\n"
-
-
-async def chat_sse(
-    batches: AsyncGenerator[Batch, None], chunks: ChatChunks, *, include_usage: bool
-) -> AsyncIterator[bytes]:
-    """A chat stream as SSE, one write per batch of outcomes; ends with ``[DONE]``. Never raises
-    (except a disconnect's `CancelledError`), so Litestar never aborts the connection mid-stream.
-    """
-    async with contextlib.aclosing(batches):
-        out = [chunks.role()]  # goes out with the first batch
-        async for batch in batches:
-            for outcome in batch:
-                match outcome:
-                    case TextDelta(text=text):
-                        out.append(chunks.content(text))
-                    case ReasoningDelta(text=text):
-                        out.append(chunks.reasoning(text))
-                    case ToolCallDelta():
-                        out.append(chunks.tool_call(outcome))
-                    case KeepAlive():
-                        out.append(KEEPALIVE)
-                    case Finished():
-                        out.append(chunks.finish(outcome.reason))
-                        if include_usage:
-                            out.append(chunks.usage(outcome))
-                        out.append(DONE)
-                    case Failed(error=error):
-                        out.extend((error_event(error), DONE))
-                    case _:
-                        assert_never(outcome)
-            yield b"".join(out)
-            out.clear()
-
-
-async def text_sse(
-    batches: AsyncGenerator[Batch, None], chunks: TextChunks, *, include_usage: bool
-) -> AsyncIterator[bytes]:
-    """A legacy completion stream as SSE. Prompt jobs are not output-routed on the neuron, so
-    reasoning and tool-call outcomes do not occur; were one to, its text is passed through."""
-    async with contextlib.aclosing(batches):
-        out: list[bytes] = []
-        async for batch in batches:
-            for outcome in batch:
-                match outcome:
-                    case TextDelta(text=text) | ReasoningDelta(text=text):
-                        out.append(chunks.text(text))
-                    case ToolCallDelta(arguments=arguments):
-                        out.append(chunks.text(arguments))
-                    case KeepAlive():
-                        out.append(KEEPALIVE)
-                    case Finished():
-                        out.append(chunks.finish(outcome.reason))
-                        if include_usage:
-                            out.append(chunks.usage(outcome))
-                        out.append(DONE)
-                    case Failed(error=error):
-                        out.extend((error_event(error), DONE))
-                    case _:
-                        assert_never(outcome)
-            yield b"".join(out)
-            out.clear()

@@ -8,17 +8,58 @@ that, failures become an error event inside the stream.
 from __future__ import annotations
 
 import time
-from typing import Final
+from typing import Final, Protocol
 
 from litestar import Response, Router, post
 from litestar.response import Stream
 
+from cortex.bus import GatewayBus
 from cortex.deps import Bus, Settings
 from cortex.dialects.openai import render, translate
-from cortex.dispatch import stamp, start_job
+from cortex.dialects.openai.shapes import StreamOptions
+from cortex.dispatch import JobDraft, stamp, start_job
 from cortex.errors import ApiError
-from cortex.http import SSE, SSE_HEADERS, AnyRequest, disconnect_waiter, json_response
-from cortex.relay import collect, relay
+from cortex.http import (
+    SSE,
+    SSE_HEADERS,
+    AnyRequest,
+    disconnect_waiter,
+    json_response,
+    write_batches,
+)
+from cortex.relay import Completion, collect, relay
+from cortex.settings import GatewaySettings
+
+
+class _Body(Protocol):
+    def __call__(self, done: Completion, *, completion_id: str, created: int,
+                 model: str) -> bytes: ...
+
+
+async def _answer(
+    request: AnyRequest, bus: GatewayBus, settings: GatewaySettings, draft: JobDraft, *,
+    streaming: bool, include_usage: bool, id_prefix: str,
+    chunks: type[render.ChatChunks | render.TextChunks],
+    body: _Body,
+) -> Response[bytes] | Stream:
+    """Run ``draft`` and answer as one body or as an event stream (after acceptance)."""
+    job = stamp(draft, settings)
+    stream, accepted = await start_job(bus, job)
+    completion_id, created = f"{id_prefix}-{job.job_id}", int(time.time())
+    headers = {"x-request-id": job.job_id}
+    if streaming:
+        events = chunks(completion_id=completion_id, created=created, model=draft.model,
+                        include_usage=include_usage)
+        opening = events.role() if isinstance(events, render.ChatChunks) else b""
+        return Stream(write_batches(relay(stream, accepted), events.render, opening=opening),
+                      media_type=SSE, headers={**SSE_HEADERS, **headers})
+    done = await collect(stream, accepted, disconnect_waiter(request))
+    return json_response(body(done, completion_id=completion_id, created=created,
+                              model=draft.model), headers=headers)
+
+
+def _include_usage(options: StreamOptions | None) -> bool:
+    return bool(options and options.include_usage)
 
 
 @post("/chat/completions", status_code=200)
@@ -26,23 +67,10 @@ async def chat_completions(
     request: AnyRequest, bus: Bus, settings: Settings
 ) -> Response[bytes] | Stream:
     body = translate.parse_chat_request(await request.body())
-    model = translate.require_model(body.model)
-    job = stamp(translate.chat_draft(body, model=model), settings)
-    stream, accepted = await start_job(bus, job)
-    completion_id, created = f"chatcmpl-{job.job_id}", int(time.time())
-    headers = {"x-request-id": job.job_id}
-    if body.stream:
-        chunks = render.ChatChunks(completion_id=completion_id, created=created, model=model)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Stream(render.chat_sse(relay(stream, accepted), chunks,
-                                      include_usage=include_usage),
-                      media_type=SSE, headers={**SSE_HEADERS, **headers})
-    done = await collect(stream, accepted, disconnect_waiter(request))
-    return json_response(
-        render.chat_completion(done, completion_id=completion_id,
-                               created=created, model=model),
-        headers=headers,
-    )
+    draft = translate.chat_draft(body, model=translate.require_model(body.model))
+    return await _answer(request, bus, settings, draft, streaming=bool(body.stream),
+                         include_usage=_include_usage(body.stream_options), id_prefix="chatcmpl",
+                         chunks=render.ChatChunks, body=render.chat_completion)
 
 
 @post("/completions", status_code=200)
@@ -50,23 +78,10 @@ async def completions(
     request: AnyRequest, bus: Bus, settings: Settings
 ) -> Response[bytes] | Stream:
     body = translate.parse_completion_request(await request.body())
-    model = translate.require_model(body.model)
-    job = stamp(translate.completion_draft(body, model=model), settings)
-    stream, accepted = await start_job(bus, job)
-    completion_id, created = f"cmpl-{job.job_id}", int(time.time())
-    headers = {"x-request-id": job.job_id}
-    if body.stream:
-        chunks = render.TextChunks(completion_id=completion_id, created=created, model=model)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Stream(render.text_sse(relay(stream, accepted), chunks,
-                                      include_usage=include_usage),
-                      media_type=SSE, headers={**SSE_HEADERS, **headers})
-    done = await collect(stream, accepted, disconnect_waiter(request))
-    return json_response(
-        render.text_completion(done, completion_id=completion_id,
-                               created=created, model=model),
-        headers=headers,
-    )
+    draft = translate.completion_draft(body, model=translate.require_model(body.model))
+    return await _answer(request, bus, settings, draft, streaming=bool(body.stream),
+                         include_usage=_include_usage(body.stream_options), id_prefix="cmpl",
+                         chunks=render.TextChunks, body=render.text_completion)
 
 
 def error_response(error: ApiError) -> Response[bytes]:
