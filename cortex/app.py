@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 from litestar import Litestar, Response
-from litestar.di import Provide
 from litestar.exceptions import HTTPException
 
 from cortex import routes
 from cortex.bus import GatewayBus
+from cortex.context import Gateway
 from cortex.dialects.anthropic import routes as anthropic
 from cortex.dialects.openai import routes as openai
 from cortex.errors import ApiError, Reason
@@ -80,30 +80,9 @@ def create_app(settings: GatewaySettings, *, bus: GatewayBus) -> Litestar:
         finally:
             await bus.close()
 
-    def provide_bus() -> GatewayBus:
-        return bus
-
-    def provide_settings() -> GatewaySettings:
-        return settings
-
-    counter = TokenCounter(bus)
-
-    def provide_tokens() -> TokenCounter:
-        return counter
-
+    gw = Gateway(bus=bus, settings=settings, tokens=TokenCounter(bus))
     return Litestar(
-        route_handlers=[
-            routes.health,
-            routes.list_models,
-            routes.get_model,
-            openai.router,
-            anthropic.router,
-        ],
-        dependencies={
-            "bus": Provide(provide_bus, sync_to_thread=False, use_cache=True),
-            "settings": Provide(provide_settings, sync_to_thread=False, use_cache=True),
-            "tokens": Provide(provide_tokens, sync_to_thread=False, use_cache=True),
-        },
+        route_handlers=[*routes.handlers(bus), openai.router(gw), anthropic.router(gw)],
         lifespan=[lifespan],
         exception_handlers={
             ApiError: _on_api_error,

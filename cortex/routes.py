@@ -8,11 +8,11 @@ from typing import Final
 
 import msgspec
 from litestar import Response, get
+from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 
 from cortex.api import Health, ModelCard, ModelList, ModelLocation, NodeCounts
 from cortex.bus import GatewayBus
-from cortex.deps import Bus
 from cortex.errors import model_not_found
 from cortex.http import json_response
 
@@ -23,14 +23,6 @@ _encoder: Final = msgspec.json.Encoder()
 
 
 # ------------------------------------------------------------------ fleet routes
-
-
-@get(["/health", "/"], sync_to_thread=False)
-def health(bus: Bus) -> Response[bytes]:
-    healthy, total = bus.fleet.health()
-    return json_response(_encoder.encode(
-        Health(status="ok" if healthy else "degraded", nodes=NodeCounts(healthy, total))
-    ))
 
 
 def _card(bus: GatewayBus, model: str) -> ModelCard:
@@ -57,20 +49,31 @@ def _card(bus: GatewayBus, model: str) -> ModelCard:
     )
 
 
-@get("/v1/models", sync_to_thread=False)
-def list_models(bus: Bus) -> Response[bytes]:
-    cards = [_card(bus, model) for model in bus.fleet.model_ids()]
-    return json_response(_encoder.encode(ModelList(
-        data=cards,
-        has_more=False,
-        first_id=cards[0].id if cards else None,
-        last_id=cards[-1].id if cards else None,
-    )))
+def handlers(bus: GatewayBus) -> list[HTTPRouteHandler]:
+    """The fleet routes, working with ``bus``."""
 
+    @get(["/health", "/"], sync_to_thread=False)
+    def health() -> Response[bytes]:
+        healthy, total = bus.fleet.health()
+        return json_response(_encoder.encode(
+            Health(status="ok" if healthy else "degraded", nodes=NodeCounts(healthy, total))
+        ))
 
-@get("/v1/models/{model_id:path}", sync_to_thread=False)
-def get_model(bus: Bus, model_id: FromPath[str]) -> Response[bytes]:
-    model = model_id.lstrip("/")
-    if model not in bus.fleet.model_ids():
-        raise model_not_found(model)
-    return json_response(_encoder.encode(_card(bus, model)))
+    @get("/v1/models", sync_to_thread=False)
+    def list_models() -> Response[bytes]:
+        cards = [_card(bus, model) for model in bus.fleet.model_ids()]
+        return json_response(_encoder.encode(ModelList(
+            data=cards,
+            has_more=False,
+            first_id=cards[0].id if cards else None,
+            last_id=cards[-1].id if cards else None,
+        )))
+
+    @get("/v1/models/{model_id:path}", sync_to_thread=False)
+    def get_model(model_id: FromPath[str]) -> Response[bytes]:
+        model = model_id.lstrip("/")
+        if model not in bus.fleet.model_ids():
+            raise model_not_found(model)
+        return json_response(_encoder.encode(_card(bus, model)))
+
+    return [health, list_models, get_model]

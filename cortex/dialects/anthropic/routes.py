@@ -12,7 +12,7 @@ import msgspec
 from litestar import Response, Router, post
 from litestar.response import Stream
 
-from cortex.deps import Bus, Settings, Tokens
+from cortex.context import Gateway
 from cortex.dialects.anthropic import render
 from cortex.dialects.anthropic.shapes import TokenCount
 from cortex.dialects.anthropic.translate import parse, translate
@@ -37,41 +37,6 @@ def _model(model: str | None) -> str:
     return model
 
 
-@post("/messages", status_code=200)
-async def messages(
-    request: AnyRequest, bus: Bus, settings: Settings
-) -> Response[bytes] | Stream:
-    body = parse(await request.body())
-    model = _model(body.model)
-    translated = translate(body, model=model,
-                           version=request.headers.get("anthropic-version"))
-    job = stamp(translated.draft, settings)
-    stream, accepted = await start_job(bus, job)
-    msg_id = render.message_id()
-    headers = {"request-id": render.request_id(), "x-request-id": job.job_id}
-    if body.stream:
-        events = render.MessageEvents(msg_id=msg_id, model=model,
-                                      input_tokens=accepted.prompt_tokens,
-                                      thinking=translated.thinking)
-        return Stream(write_batches(relay(stream, accepted), events.render,
-                                    opening=events.start()),
-                      media_type=SSE, headers={**SSE_HEADERS, **headers})
-    done = await collect(stream, accepted, disconnect_waiter(request))
-    return json_response(render.message(done, msg_id=msg_id, model=model,
-                                        thinking=translated.thinking), headers=headers)
-
-
-@post("/messages/count_tokens", status_code=200)
-async def count_tokens(request: AnyRequest, tokens: Tokens) -> Response[bytes]:
-    body = parse(await request.body())
-    model = _model(body.model)
-    translated = translate(body, model=model, version=request.headers.get("anthropic-version"),
-                           count_only=True)
-    count = await tokens.count(translated.draft)
-    return json_response(_encoder.encode(TokenCount(input_tokens=count)),
-                         headers={"request-id": render.request_id()})
-
-
 def error_response(error: ApiError) -> Response[bytes]:
     """An error before the response started, in Anthropic's shape and status."""
     req_id = render.request_id()
@@ -79,4 +44,38 @@ def error_response(error: ApiError) -> Response[bytes]:
                          headers={**error.headers(), "request-id": req_id})
 
 
-router: Final = Router(path="/v1", route_handlers=[messages, count_tokens])
+def router(gw: Gateway) -> Router:
+    """The Anthropic routes, working with ``gw``."""
+
+    @post("/messages", status_code=200)
+    async def messages(request: AnyRequest) -> Response[bytes] | Stream:
+        body = parse(await request.body())
+        model = _model(body.model)
+        translated = translate(body, model=model,
+                               version=request.headers.get("anthropic-version"))
+        job = stamp(translated.draft, gw.settings)
+        stream, accepted = await start_job(gw.bus, job)
+        msg_id = render.message_id()
+        headers = {"request-id": render.request_id(), "x-request-id": job.job_id}
+        if body.stream:
+            events = render.MessageEvents(msg_id=msg_id, model=model,
+                                          input_tokens=accepted.prompt_tokens,
+                                          thinking=translated.thinking)
+            return Stream(write_batches(relay(stream, accepted), events.render,
+                                        opening=events.start()),
+                          media_type=SSE, headers={**SSE_HEADERS, **headers})
+        done = await collect(stream, accepted, disconnect_waiter(request))
+        return json_response(render.message(done, msg_id=msg_id, model=model,
+                                            thinking=translated.thinking), headers=headers)
+
+    @post("/messages/count_tokens", status_code=200)
+    async def count_tokens(request: AnyRequest) -> Response[bytes]:
+        body = parse(await request.body())
+        model = _model(body.model)
+        translated = translate(body, model=model, version=request.headers.get("anthropic-version"),
+                               count_only=True)
+        count = await gw.tokens.count(translated.draft)
+        return json_response(_encoder.encode(TokenCount(input_tokens=count)),
+                             headers={"request-id": render.request_id()})
+
+    return Router(path="/v1", route_handlers=[messages, count_tokens])

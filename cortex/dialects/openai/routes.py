@@ -8,13 +8,12 @@ that, failures become an error event inside the stream.
 from __future__ import annotations
 
 import time
-from typing import Final, Protocol
+from typing import Protocol
 
 from litestar import Response, Router, post
 from litestar.response import Stream
 
-from cortex.bus import GatewayBus
-from cortex.deps import Bus, Settings
+from cortex.context import Gateway
 from cortex.dialects.openai import render, translate
 from cortex.dialects.openai.shapes import StreamOptions
 from cortex.dispatch import JobDraft, stamp, start_job
@@ -28,7 +27,6 @@ from cortex.http import (
     write_batches,
 )
 from cortex.relay import Completion, collect, relay
-from cortex.settings import GatewaySettings
 
 
 class _Body(Protocol):
@@ -37,14 +35,14 @@ class _Body(Protocol):
 
 
 async def _answer(
-    request: AnyRequest, bus: GatewayBus, settings: GatewaySettings, draft: JobDraft, *,
+    request: AnyRequest, gw: Gateway, draft: JobDraft, *,
     streaming: bool, include_usage: bool, id_prefix: str,
     chunks: type[render.ChatChunks | render.TextChunks],
     body: _Body,
 ) -> Response[bytes] | Stream:
     """Run ``draft`` and answer as one body or as an event stream (after acceptance)."""
-    job = stamp(draft, settings)
-    stream, accepted = await start_job(bus, job)
+    job = stamp(draft, gw.settings)
+    stream, accepted = await start_job(gw.bus, job)
     completion_id, created = f"{id_prefix}-{job.job_id}", int(time.time())
     headers = {"x-request-id": job.job_id}
     if streaming:
@@ -62,32 +60,31 @@ def _include_usage(options: StreamOptions | None) -> bool:
     return bool(options and options.include_usage)
 
 
-@post("/chat/completions", status_code=200)
-async def chat_completions(
-    request: AnyRequest, bus: Bus, settings: Settings
-) -> Response[bytes] | Stream:
-    body = translate.parse_chat_request(await request.body())
-    draft = translate.chat_draft(body, model=translate.require_model(body.model))
-    return await _answer(request, bus, settings, draft, streaming=bool(body.stream),
-                         include_usage=_include_usage(body.stream_options), id_prefix="chatcmpl",
-                         chunks=render.ChatChunks, body=render.chat_completion)
-
-
-@post("/completions", status_code=200)
-async def completions(
-    request: AnyRequest, bus: Bus, settings: Settings
-) -> Response[bytes] | Stream:
-    body = translate.parse_completion_request(await request.body())
-    draft = translate.completion_draft(body, model=translate.require_model(body.model))
-    return await _answer(request, bus, settings, draft, streaming=bool(body.stream),
-                         include_usage=_include_usage(body.stream_options), id_prefix="cmpl",
-                         chunks=render.TextChunks, body=render.text_completion)
-
-
 def error_response(error: ApiError) -> Response[bytes]:
     """An error before the response started, in OpenAI's shape."""
     return json_response(render.error_body(error), status=error.spec.status,
                          headers=error.headers())
 
 
-router: Final = Router(path="/v1", route_handlers=[chat_completions, completions])
+def router(gw: Gateway) -> Router:
+    """The OpenAI routes, working with ``gw``."""
+
+    @post("/chat/completions", status_code=200)
+    async def chat_completions(request: AnyRequest) -> Response[bytes] | Stream:
+        body = translate.parse_chat_request(await request.body())
+        draft = translate.chat_draft(body, model=translate.require_model(body.model))
+        return await _answer(request, gw, draft, streaming=bool(body.stream),
+                             include_usage=_include_usage(body.stream_options),
+                             id_prefix="chatcmpl", chunks=render.ChatChunks,
+                             body=render.chat_completion)
+
+    @post("/completions", status_code=200)
+    async def completions(request: AnyRequest) -> Response[bytes] | Stream:
+        body = translate.parse_completion_request(await request.body())
+        draft = translate.completion_draft(body, model=translate.require_model(body.model))
+        return await _answer(request, gw, draft, streaming=bool(body.stream),
+                             include_usage=_include_usage(body.stream_options),
+                             id_prefix="cmpl", chunks=render.TextChunks,
+                             body=render.text_completion)
+
+    return Router(path="/v1", route_handlers=[chat_completions, completions])
