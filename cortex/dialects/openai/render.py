@@ -118,6 +118,10 @@ class _Chunks(abc.ABC):
     def render(self, outcome: Outcome) -> bytes:
         """The bytes one relay outcome becomes."""
 
+    def opening(self) -> bytes:
+        """What the stream starts with, sent together with the first outcomes."""
+        return b""
+
 
 class ChatChunks(_Chunks):
     """Renders one chat stream's SSE events."""
@@ -134,7 +138,7 @@ class ChatChunks(_Chunks):
     def _delta(self, delta: Delta) -> bytes:
         return self._chunk([ChunkChoice(index=0, delta=delta)])
 
-    def role(self) -> bytes:
+    def opening(self) -> bytes:
         """The first chunk: the assistant role (the only delta that carries it)."""
         return self._delta(Delta(role="assistant", content=""))
 

@@ -48,8 +48,8 @@ async def _answer(
     if streaming:
         events = chunks(completion_id=completion_id, created=created, model=draft.model,
                         include_usage=include_usage)
-        opening = events.role() if isinstance(events, render.ChatChunks) else b""
-        return Stream(write_batches(relay(stream, accepted), events.render, opening=opening),
+        return Stream(write_batches(relay(stream, accepted), events.render,
+                                    opening=events.opening()),
                       media_type=SSE, headers={**SSE_HEADERS, **headers})
     done = await collect(stream, accepted, disconnect_waiter(request))
     return json_response(body(done, completion_id=completion_id, created=created,
