@@ -97,14 +97,14 @@ class _MalformedToolCall(ValueError):
 def prompt_opens_reasoning(
     prompt_text: str, markers: tuple[str, str] = DEFAULT_REASONING_MARKERS
 ) -> bool:
-    """Whether the rendered prompt ends inside an open reasoning block.
+    """Whether the rendered prompt ends inside an open reasoning block: it ends with the opening
+    marker (whitespace aside), as templates do that start the answer with ``"<think>\\n"``; the
+    router should then start in reasoning mode.
 
-    True when the last opening marker comes after the last closing one, as with templates that
-    end the generation prompt with ``"<think>\\n"``; the router should then start in reasoning
-    mode.
+    Only the end counts: a user who writes ``<think>`` in a message (and a template that then
+    appends the assistant header) must not turn the whole answer into reasoning.
     """
-    opened = prompt_text.rfind(markers[0])
-    return opened >= 0 and opened > prompt_text.rfind(markers[1])
+    return bool(markers[0]) and prompt_text.rstrip().endswith(markers[0])
 
 
 class OutputRouter:
@@ -122,6 +122,7 @@ class OutputRouter:
         tools: Sequence[Mapping[str, object]] | None = None,
         reasoning_markers: tuple[str, str] = DEFAULT_REASONING_MARKERS,
         tool_markers: tuple[str, str] = DEFAULT_TOOL_MARKERS,
+        parse_tools: bool = True,
         job_id: str = "",
     ) -> None:
         """Create a router for one generation.
@@ -134,6 +135,8 @@ class OutputRouter:
                 schemas coerce ``<function=…>`` values. Tool calls are parsed without them too.
             reasoning_markers: opening and closing reasoning markers.
             tool_markers: opening and closing tool-call markers.
+            parse_tools: False leaves tool-call markup in the text (a request that offered no
+                tools gets what the model wrote, as vLLM does).
             job_id: named in log lines.
 
         Raises:
@@ -148,7 +151,8 @@ class OutputRouter:
         self._call_hex = secrets.token_hex(6)
         self._calls = 0
         self._markers: dict[_Mode, tuple[str, ...]] = {
-            _Mode.TEXT: (self._think_open, self._think_close, self._tool_open),
+            _Mode.TEXT: (self._think_open, self._think_close,
+                         *((self._tool_open,) if parse_tools else ())),
             _Mode.REASONING: (self._think_open, self._think_close),
             _Mode.TOOL: (self._tool_close,),
         }

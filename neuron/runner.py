@@ -329,7 +329,7 @@ class JobRunner:
         # Raw prompts (/v1/completions) are not routed: their output is text, markers included.
         router = None if job.prompt is not None else OutputRouter(
             start_in_reasoning=prompt_opens_reasoning(prompt.text), tools=prompt.tools,
-            job_id=job.job_id,
+            parse_tools=bool(job.tools), job_id=job.job_id,
         )
 
         def produce() -> None:  # on the model's thread

@@ -230,3 +230,10 @@ def test_malformed_tool_json_from_the_model_stays_text(
     assert done.choices[0].message.content == "<tool_call>{not json</tool_call>"
     assert done.choices[0].message.tool_calls is None
     assert any("tool call" in r.getMessage() for r in caplog.records)
+
+
+def test_without_tools_the_models_tool_markup_stays_content(client: openai.OpenAI) -> None:
+    done = client.chat.completions.create(model=MODEL, messages=weather_question())
+    assert done.choices[0].finish_reason == "stop"
+    assert done.choices[0].message.tool_calls is None
+    assert done.choices[0].message.content == "".join(CALL_WORDS)

@@ -240,6 +240,7 @@ def test_custom_reasoning_markers() -> None:
         ("<|im_start|>assistant\n<think>\n\n</think>\n\n", False),
         ("<think>old</think>\n<|im_start|>assistant\n", False),
         ("<|im_start|>assistant\n", False),
+        ("<|im_start|>user\nwhat does <think> do?<|im_end|>\n<|im_start|>assistant\n", False),
         ("", False),
     ],
 )
@@ -498,3 +499,12 @@ def test_smollm2_tokenizer_stream_is_routed() -> None:
     # SmolLM2 has no reasoning or tool tokens: every marker is split.
     assert len(tokenizer.encode("<think>")) > 1
     check_tokenizer(tokenizer, think_is_split=True)
+
+
+def test_without_tools_tool_markup_stays_text() -> None:
+    router = OutputRouter(parse_tools=False, job_id="j1")
+    pieces = [*router.push("<think>hm</think>Sure: "), *router.push(TOOL_CALL), *router.flush()]
+    assert pieces[0] == ReasoningPiece("hm")
+    assert all(isinstance(p, TextPiece) for p in pieces[1:])
+    assert "".join(p.text for p in pieces[1:] if isinstance(p, TextPiece)) == "Sure: " + TOOL_CALL
+    assert router.tool_calls == 0
