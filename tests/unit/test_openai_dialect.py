@@ -75,3 +75,21 @@ def test_unsupported_or_invalid_values_are_400_with_param(body: bytes, param: st
         job_for(body)
     assert info.value.spec.status == 400
     assert info.value.param == param
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [b'"auto"', b'"required"', b'{"type":"function","function":{"name":"f"}}',
+     b'{"type":"allowed_tools","allowed_tools":{"mode":"auto","tools":[]}}'],
+)
+def test_tool_choices_are_accepted_and_keep_the_tools(choice: bytes) -> None:
+    job = job_for(b'{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":'
+                  b'"function","function":{"name":"f","parameters":{"type":"object"}}}],'
+                  b'"tool_choice":' + choice + b'}')
+    assert [t.name for t in job.tools] == ["f"]
+
+
+def test_tool_choice_none_drops_the_tools() -> None:
+    job = job_for(b'{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":'
+                  b'"function","function":{"name":"f"}}],"tool_choice":"none"}')
+    assert job.tools == ()

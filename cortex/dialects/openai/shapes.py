@@ -59,16 +59,9 @@ class ToolIn(msgspec.Struct, frozen=True, kw_only=True):
     function: FunctionDefinition | None = None
 
 
-class NamedFunction(msgspec.Struct, frozen=True):
-    name: str
-
-
-class NamedToolChoice(msgspec.Struct, frozen=True, kw_only=True):
-    function: NamedFunction
-    type: str = "function"
-
-
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+#: ``"none"``, ``"auto"``, ``"required"`` or an object naming tools (whose shape OpenAI keeps
+#: extending): only ``"none"`` changes what the model sees.
+ToolChoice = str | dict[str, Any]
 
 
 class StreamOptions(msgspec.Struct, frozen=True, kw_only=True):
