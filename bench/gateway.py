@@ -8,13 +8,15 @@ instant OpenAI-compatible upstream (bench/instant_upstream.py). This process is 
 Paths, each measured at 1, 64 and 256 concurrent streams of 32 tokens (closed loop):
 - bus: `JobRequest`s published straight on the bus, events read from the reply inbox (the floor
   under the gateway);
-- cortex: OpenAI streamed chat completions through ``cortex serve`` (httpx, HTTP/1.1 keep-alive
-  pool sized to the concurrency, SSE parsed here);
+- cortex: OpenAI streamed chat completions through ``cortex serve`` (bench/loadgen.py's small
+  asyncio HTTP/1.1 client, keep-alive pool sized to the concurrency, SSE parsed here);
 - upstream: the same requests straight to the instant upstream (the floor under LiteLLM);
 - litellm: the same requests through LiteLLM's proxy.
 Then relay throughput: 16 concurrent streams of 4096 tokens on the bus and through the gateway.
 
 Run:  .venv/bin/python bench/gateway.py [--quick] [--no-litellm] [--out bench/results/gateway.md]
+LiteLLM, once:  python3.11 -m venv .bench-venv &&
+                .bench-venv/bin/pip install 'litellm[proxy]==1.106.2'
 """
 
 from __future__ import annotations
