@@ -31,6 +31,7 @@ from bus_schema.messages import (
     ControlReply,
     ControlRequest,
     DiscoverRequest,
+    JobAccepted,
     JobEvent,
     JobFailed,
     JobFinished,
@@ -99,6 +100,7 @@ class JobStream:
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._next_seq = 0
         self.node: str | None = None
+        self._counted = False
         self.finished = False
         """True once a terminal event was received (no cancel needed)."""
 
@@ -121,22 +123,24 @@ class JobStream:
             self.finished = True
         return event
 
-    async def first(self) -> JobEvent:
+    async def first(self, timeout_s: float | None = None) -> JobEvent:
         """The first event: `JobAccepted` or an admission `JobFailed`.
 
         Raises:
             NoRespondersError: nobody serves the model.
-            StreamTimeoutError: nothing within ``accept_timeout_s``.
+            StreamTimeoutError: nothing within ``timeout_s`` (default ``accept_timeout_s``).
         """
+        limit = timeout_s if timeout_s is not None else self._bus.settings.accept_timeout_s
         try:
-            async with asyncio.timeout(self._bus.settings.accept_timeout_s):
+            async with asyncio.timeout(limit):
                 msg = await self._queue.get()
         except TimeoutError:
-            raise StreamTimeoutError(
-                f"no neuron accepted the job within {self._bus.settings.accept_timeout_s:.0f}s"
-            ) from None
+            raise StreamTimeoutError(f"no neuron accepted the job within {limit:g}s") from None
         event = self._decode(msg)
-        self.node = getattr(event, "node", None)
+        if isinstance(event, JobAccepted):
+            self.node = event.node
+            self._bus.started(event.node)
+            self._counted = True
         return event
 
     async def events(self) -> AsyncIterator[list[JobEvent] | Keepalive]:
@@ -186,8 +190,11 @@ class JobStream:
         await self._bus.cancel(self.node, self.job.job_id, reason)
 
     def close(self) -> None:
-        """Stop routing this job's inbox messages here."""
+        """Stop routing this job's inbox messages here (idempotent)."""
         self._bus.forget(self._token)
+        if self._counted and self.node is not None:
+            self._counted = False
+            self._bus.ended(self.node)
 
 
 class GatewayBus:
@@ -202,6 +209,8 @@ class GatewayBus:
         self._closing = False
         self._service: Service | None = None
         self._discovered = asyncio.Event()
+        self._running: dict[str, int] = {}
+        """Jobs this gateway has running per node (heartbeats only tell every second)."""
 
     @property
     def connected(self) -> bool:
@@ -307,6 +316,20 @@ class GatewayBus:
             stream.close()
             raise BusUnavailableError(f"publishing the job failed: {exc}") from exc
         return stream
+
+    def running_on(self, node: str) -> int:
+        """Jobs this gateway has running on ``node`` now."""
+        return self._running.get(node, 0)
+
+    def started(self, node: str) -> None:
+        self._running[node] = self._running.get(node, 0) + 1
+
+    def ended(self, node: str) -> None:
+        left = self._running.get(node, 0) - 1
+        if left > 0:
+            self._running[node] = left
+        else:
+            self._running.pop(node, None)
 
     def forget(self, token: str) -> None:
         """Drop a finished or abandoned stream from the inbox routing table."""

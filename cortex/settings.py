@@ -24,7 +24,9 @@ class GatewaySettings:
     gateway_id: str = field(default_factory=_gateway_id)
     """This gateway's name on the bus (its reply inbox prefix)."""
     accept_timeout_s: float = 30.0
-    """How long a published job may wait for `JobAccepted`/`JobFailed`."""
+    """How long a published job may wait for `JobAccepted`/`JobFailed` from the last replica."""
+    replica_accept_timeout_s: float = 5.0
+    """How long one replica may take to accept while another could take the job instead."""
     stream_idle_timeout_s: float = 600.0
     """Longest silence inside a stream while its neuron still heartbeats."""
     keepalive_interval_s: float = 10.0
@@ -43,7 +45,8 @@ class GatewaySettings:
             parse_nats_urls(self.nats_url)
         if not 0 < self.port < 65536:
             raise ValueError(f"invalid port {self.port}")
-        for name in ("accept_timeout_s", "stream_idle_timeout_s", "keepalive_interval_s",
+        for name in ("accept_timeout_s", "replica_accept_timeout_s", "stream_idle_timeout_s",
+                     "keepalive_interval_s",
                      "job_deadline_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, assert_never
@@ -190,6 +191,8 @@ class _ChunkBuilder:
 
 
 _STAGE: Final[dict[type, int]] = {ReasoningPiece: 0, TextPiece: 1, ToolCallPiece: 2}
+#: How many early cancels a neuron remembers (a cancel costs a job id of at most 128 bytes).
+_CANCELLED_EARLY_KEPT: Final = 4096
 
 
 def _fail(
@@ -213,6 +216,9 @@ class JobRunner:
     def __init__(self, settings: NeuronSettings) -> None:
         self._settings = settings
         self._cancels: dict[str, threading.Event] = {}
+        self._cancelled_early: OrderedDict[str, None] = OrderedDict()
+        """Jobs cancelled before they arrived here (a gateway gave up waiting and went
+        elsewhere): never run them if they turn up later, e.g. after the process was frozen."""
         self._admitted = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -222,9 +228,13 @@ class JobRunner:
         return self._admitted
 
     def cancel(self, job_id: str) -> bool:
-        """Ask a running job to stop; False if it is not running here."""
+        """Ask a running job to stop; False if it is not running here, in which case it will not
+        be run if it arrives later."""
         event = self._cancels.get(job_id)
         if event is None:
+            self._cancelled_early[job_id] = None
+            while len(self._cancelled_early) > _CANCELLED_EARLY_KEPT:
+                self._cancelled_early.popitem(last=False)
             return False
         event.set()
         return True
@@ -245,6 +255,10 @@ class JobRunner:
     async def run(self, job: JobRequest, slot: ModelSlot | None, publish: Publish) -> None:
         """Run ``job`` to its terminal event. Never raises except `CancelledError`."""
         jlog = JobLog(log, {"job_id": job.job_id})
+        if job.job_id in self._cancelled_early:
+            del self._cancelled_early[job.job_id]
+            jlog.info("cancelled before it arrived; not run")
+            return
         if slot is None or slot.model is None or slot.status != "loaded":
             await publish(
                 _fail(job, 0, ErrorCode.MODEL_NOT_LOADED,
@@ -291,6 +305,9 @@ class JobRunner:
             prompt = await asyncio.to_thread(job_prompt, model, job)
         except ChatTemplateError as exc:
             await publish(_fail(job, 0, ErrorCode.TEMPLATE_ERROR, str(exc)))
+            return
+        if cancelled.is_set():  # the gateway gave up waiting while the prompt was prepared
+            jlog.info("cancelled before it was accepted; not run")
             return
         prompt_ids = prompt.ids
         limit = min(self._settings.max_prompt_tokens, context - 1)

@@ -175,7 +175,7 @@ def test_bus_traffic_is_readable_to_a_plain_subscriber(
 
     seen = asyncio.run(watch())
     subject, job, headers = next(s for s in seen if s[1]["kind"] == "job")
-    assert subject == f"{ROOT}.job.tiny_2Fllama-GGUF"
+    assert subject == f"{ROOT}.node.n1.job.tiny_2Fllama-GGUF"  # directed to the replica
     assert job["model"] == GGUF_ID
     assert job["messages"] == [{"role": "user", "content": "hi"}]
     assert headers["Cortex-Model"] == GGUF_ID and headers["Job-Id"] == job["job_id"]
