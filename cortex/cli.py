@@ -17,6 +17,15 @@ import uvicorn
 from bus_schema.service import package_version
 from cortex.app import create_app
 from cortex.bus import GatewayBus
+from cortex.config import (
+    Aliases,
+    ConfigError,
+    check_models,
+    listen_address,
+    load_cortex_config,
+    load_models,
+    models_path,
+)
 from cortex.embedded_nats import EmbeddedNatsError, EmbeddedNatsServer
 from cortex.fleet import FleetView
 from cortex.settings import GatewaySettings
@@ -40,23 +49,60 @@ def configure_logging(level: str) -> None:
     )
 
 
+def _settings_from(
+    config_path: Path | None, *, host: str | None, port: int | None, nats_url: str | None,
+    root: str | None,
+) -> GatewaySettings:
+    """Settings from ``cortex.toml`` (and its ``models.toml``), flags overriding the file.
+
+    Raises:
+        ConfigError: the file is unusable (its path, key and reason in the message).
+        ValueError: a flag's value is invalid.
+    """
+    config = load_cortex_config(config_path) if config_path is not None else None
+    aliases = Aliases.of({})
+    if config is not None and config_path is not None:
+        aliases = Aliases.of(load_models(models_path(config, config_path)).aliases)
+        file_host, file_port = listen_address(config.gateway.listen)
+        host = host or file_host
+        port = port or file_port
+        nats_url = nats_url or config.nats.url
+        root = root or config.nats.root
+    return GatewaySettings(
+        host=host or "0.0.0.0",  # noqa: S104 - the gateway serves the network
+        port=port or 31313, nats_url=nats_url, root=root or "cortex", aliases=aliases,
+    )
+
+
+def _config_path(config: Path | None) -> Path | None:
+    """The ``--config`` file, or ``cortex.toml`` in the working directory when there is one."""
+    if config is not None:
+        return config
+    default = Path("cortex.toml")
+    return default if default.is_file() else None
+
+
 @app.command
 def serve(
     *,
-    host: str = "0.0.0.0",  # noqa: S104 - the gateway serves the network
-    port: int = 31313,
+    config: Annotated[Path | None, cyclopts.Parameter(name=["--config", "-c"])] = None,
+    host: str | None = None,
+    port: int | None = None,
     nats_url: str | None = None,
-    root: str = "cortex",
+    root: str | None = None,
     log_level: str = "info",
 ) -> int:
     """Run the gateway.
 
     Parameters
     ----------
+    config
+        cortex.toml (default: ./cortex.toml when present); its models_config names the catalogue
+        and aliases. Flags override the file, CORTEX_<TABLE>__<KEY> variables override its keys.
     host
-        Interface to listen on.
+        Interface to listen on (default 0.0.0.0, or [gateway] listen).
     port
-        HTTP port (OpenAI and Anthropic APIs).
+        HTTP port for the OpenAI and Anthropic APIs (default 31313, or [gateway] listen).
     nats_url
         NATS server URL; without one an embedded nats-server is started on 127.0.0.1:4222
         (or a free port when that is taken).
@@ -67,12 +113,16 @@ def serve(
     """
     configure_logging(log_level)
     try:
-        settings = GatewaySettings(host=host, port=port, nats_url=nats_url, root=root)
+        settings = _settings_from(_config_path(config), host=host, port=port,
+                                  nats_url=nats_url, root=root)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     except ValueError as exc:
         log.error("invalid settings: %s", exc)
         return 2
     embedded: EmbeddedNatsServer | None = None
-    url = nats_url
+    url = settings.nats_url
     if url is None:
         embedded = EmbeddedNatsServer()
         try:
@@ -83,11 +133,31 @@ def serve(
     try:
         settings = replace(settings, nats_url=url)
         app = create_app(settings, bus=GatewayBus(settings, FleetView()))
-        uvicorn.run(app, host=host, port=port,
+        uvicorn.run(app, host=settings.host, port=settings.port,
                     log_level=log_level, lifespan="on", log_config=None)
     finally:
         if embedded is not None:
             embedded.stop()
+    return 0
+
+
+@app.command(name="check-config")
+def check_config(
+    *, config: Annotated[Path, cyclopts.Parameter(name=["--config", "-c"])] = Path("cortex.toml"),
+) -> int:
+    """Check cortex.toml and its models.toml: reports bad keys and values, duplicate model ids,
+    aliases that point at aliases and aliases that shadow catalogued models. Exit 1 on any."""
+    try:
+        loaded = load_cortex_config(config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    problems = check_models(models_path(loaded, config))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{config}: ok")
     return 0
 
 

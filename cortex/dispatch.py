@@ -68,11 +68,12 @@ class JobDraft:
 
 
 def stamp(draft: JobDraft, settings: GatewaySettings, *, job_id: str | None = None) -> JobRequest:
-    """The bus job for ``draft``: a fresh job id, the deadline, this gateway, defaults filled in."""
+    """The bus job for ``draft``: the concrete model id (aliases resolved; responses keep naming
+    the model the client asked for), a fresh job id, the deadline, this gateway, defaults."""
     s = draft.sampling
     return JobRequest(
         job_id=job_id or uuid.uuid4().hex,
-        model=draft.model,
+        model=settings.aliases.resolve(draft.model),
         messages=draft.messages,
         prompt=draft.prompt,
         params=SamplingParams(

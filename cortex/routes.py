@@ -25,15 +25,16 @@ _encoder: Final = msgspec.json.Encoder()
 # ------------------------------------------------------------------ fleet routes
 
 
-def _card(bus: GatewayBus, model: str) -> ModelCard:
+def _card(bus: GatewayBus, model: str, *, shown_as: str | None = None) -> ModelCard:
+    """The card of ``model``; ``shown_as`` names an alias that mirrors it."""
     locations = bus.fleet.locations(model)
     report = bus.fleet.model(model)
     return ModelCard(
-        id=model,
+        id=shown_as or model,
         created=_CREATED,
         created_at=_CREATED_AT,
         owned_by="cortex",
-        display_name=model,
+        display_name=shown_as or model,
         loaded=any(loc.status == "loaded" and loc.healthy for loc in locations),
         feasible_on=[],
         locations=[
@@ -61,7 +62,12 @@ def handlers(bus: GatewayBus) -> list[HTTPRouteHandler]:
 
     @get("/v1/models", sync_to_thread=False)
     def list_models() -> Response[bytes]:
-        cards = [_card(bus, model) for model in bus.fleet.model_ids()]
+        known = bus.fleet.model_ids()
+        cards = [_card(bus, model) for model in known]
+        served = set(known)
+        cards += [_card(bus, target, shown_as=alias)
+                  for alias, target in sorted(bus.settings.aliases.exact.items())
+                  if target in served and alias not in served]
         return json_response(_encoder.encode(ModelList(
             data=cards,
             has_more=False,
@@ -71,9 +77,11 @@ def handlers(bus: GatewayBus) -> list[HTTPRouteHandler]:
 
     @get("/v1/models/{model_id:path}", sync_to_thread=False)
     def get_model(model_id: FromPath[str]) -> Response[bytes]:
-        model = model_id.lstrip("/")
+        asked = model_id.lstrip("/")
+        model = bus.settings.aliases.resolve(asked)
         if model not in bus.fleet.model_ids():
-            raise model_not_found(model)
-        return json_response(_encoder.encode(_card(bus, model)))
+            raise model_not_found(asked)
+        return json_response(_encoder.encode(
+            _card(bus, model, shown_as=asked if asked != model else None)))
 
     return [health, list_models, get_model]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from bus_schema.connection import parse_nats_urls
 from bus_schema.subjects import DEFAULT_ROOT, check_root
+from cortex.config import Aliases
 
 
 def _gateway_id() -> str:
@@ -38,6 +39,8 @@ class GatewaySettings:
     default_temperature: float = 0.7
     max_body_bytes: int = 8 * 1024 * 1024
     """HTTP body limit; lowered at start-up to what the NATS server accepts."""
+    aliases: Aliases = field(default_factory=lambda: Aliases.of({}))
+    """Requested model name → concrete id (``models.toml`` ``[aliases]``, globs allowed)."""
 
     def __post_init__(self) -> None:
         check_root(self.root)

@@ -42,7 +42,8 @@ class TokenCounter:
         Raises:
             ApiError: unknown model, nobody serving it, or the template refused the messages.
         """
-        request = TokenizeRequest(model=draft.model, messages=draft.messages, prompt=draft.prompt,
+        model = self._bus.settings.aliases.resolve(draft.model)
+        request = TokenizeRequest(model=model, messages=draft.messages, prompt=draft.prompt,
                                   chat_template_kwargs=draft.chat_template_kwargs,
                                   tools=draft.tools)
         payload = codec.encode(request)

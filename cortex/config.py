@@ -1,0 +1,240 @@
+"""The gateway's configuration files (REFERENCE §2.1–§2.2): ``cortex.toml`` and the
+``models.toml`` catalogue it names, parsed with `tomllib` and validated by converting into typed
+msgspec Structs, so a bad file fails at start-up with its path, the key and the reason.
+
+Environment variables ``CORTEX_<TABLE>__<KEY>`` override keys of ``cortex.toml`` (``__`` nests:
+``CORTEX_GATEWAY__LISTEN=127.0.0.1:8080``); command-line flags override both (`cortex.cli`).
+A ``models.toml`` that is missing or broken leaves the catalogue empty with a warning: start-up
+never fails because of it (as the reference).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+import msgspec
+
+log = logging.getLogger(__name__)
+
+NodeName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^.*>\s]+$")]
+ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+_PATH_RE: Final = re.compile(r"at `\$\.?(.*)`$")
+ENV_PREFIX: Final = "CORTEX_"
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names the file, key and reason."""
+
+
+class GatewayTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    listen: str
+    """``host:port`` the API listens on."""
+    metrics_listen: str = "0.0.0.0:31314"
+
+
+class EvictionTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    strategy: Literal["lru", "priority"]
+    defrag_after_cycles: Annotated[int, msgspec.Meta(ge=0)] = 50
+    """Warn about fragmentation after this many eviction cycles; 0 never warns."""
+
+
+class NeuronEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: NodeName
+    endpoint: str | None = None
+    """Accepted for compatibility with the reference's files; unused (neurons are on the bus)."""
+
+
+class NatsTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    url: str | None = None
+    """One URL or a comma-separated list of cluster members, credentials in it
+    (``nats://gateway:secret@bus:4222``) applying to all; None starts the embedded server."""
+    root: str = "cortex"
+
+
+class CortexConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``cortex.toml``."""
+
+    gateway: GatewayTable
+    eviction: EvictionTable
+    models_config: str = "models.toml"
+    """Relative paths are taken from the directory of ``cortex.toml``."""
+    neurons: list[NeuronEntry] = msgspec.field(default_factory=list)
+    nats: NatsTable = msgspec.field(default_factory=NatsTable)
+
+
+class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One ``[[models]]`` entry of the catalogue."""
+
+    id: ModelId
+    harness: str
+    quant: str | None = None
+    vram_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_devices: Annotated[int, msgspec.Meta(ge=1)] = 1
+    min_device_vram_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    pinned_on: list[NodeName] = msgspec.field(default_factory=list)
+    source: str | None = None
+    residency_priority: int | None = None
+
+
+class ModelsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``models.toml``."""
+
+    models: list[ModelEntry] = msgspec.field(default_factory=list)
+    aliases: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"failed to load config from '{path}': {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"failed to load config from '{path}': {exc}") from None
+
+
+def _convert(raw: dict[str, Any], kind: type[T], path: Path) -> T:
+    try:
+        return msgspec.convert(raw, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        match = _PATH_RE.search(str(exc))
+        where = f" (key '{match.group(1)}')" if match and match.group(1) else ""
+        raise ConfigError(f"failed to load config from '{path}'{where}: {exc}") from None
+
+
+def _env_value(text: str) -> object:
+    """An environment override's value: a TOML scalar when it reads as one, else the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``CORTEX_A__B=v`` → ``{"a": {"b": v}}``; only names with ``__`` are config keys (plain
+    ``CORTEX_PORT`` and the like belong to the command-line flags)."""
+    tree: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        *tables, key = name.removeprefix(ENV_PREFIX).lower().split("__")
+        node = tree
+        for table in tables:
+            child = node.setdefault(table, {})
+            if not isinstance(child, dict):
+                break
+            node = child
+        else:
+            node[key] = _env_value(value)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        current = merged.get(key)
+        merged[key] = (_merge(current, value) if isinstance(current, dict)
+                       and isinstance(value, Mapping) else value)
+    return merged
+
+
+def load_cortex_config(path: Path, environ: Mapping[str, str] | None = None) -> CortexConfig:
+    """Read and validate ``cortex.toml`` with the environment's overrides.
+
+    Raises:
+        ConfigError: ``failed to load config from '<path>'[ (key 'x')]: <reason>``.
+    """
+    raw = _merge(_read_toml(path), env_overrides(os.environ if environ is None else environ))
+    config = _convert(raw, CortexConfig, path)
+    try:
+        listen_address(config.gateway.listen)
+        listen_address(config.gateway.metrics_listen)
+    except ValueError as exc:
+        raise ConfigError(f"failed to load config from '{path}': {exc}") from None
+    return config
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    """``"host:port"`` (``[v6]:port`` too) → ``(host, port)``.
+
+    Raises:
+        ValueError: not of that form, or the port is out of range.
+    """
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"listen address '{listen}' is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def models_path(config: CortexConfig, config_path: Path) -> Path:
+    named = Path(config.models_config)
+    return named if named.is_absolute() else config_path.parent / named
+
+
+def load_models(path: Path) -> ModelsConfig:
+    """The catalogue; empty (with a warning) when the file is missing or invalid."""
+    try:
+        return _convert(_read_toml(path), ModelsConfig, path)
+    except ConfigError as exc:
+        log.warning("%s; the catalogue is empty", exc)
+        return ModelsConfig()
+
+
+def check_models(path: Path) -> list[str]:
+    """Problems ``cortex check-config`` reports: the file itself, duplicate ids, aliases that
+    point at aliases, aliases that shadow real ids."""
+    try:
+        models = _convert(_read_toml(path), ModelsConfig, path)
+    except ConfigError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    seen: set[str] = set()
+    for entry in models.models:
+        if entry.id in seen:
+            problems.append(f"{path}: duplicate model id '{entry.id}'")
+        seen.add(entry.id)
+    for alias, target in models.aliases.items():
+        if alias in seen:
+            problems.append(f"{path}: alias '{alias}' shadows the catalogued model '{alias}'")
+        if target in models.aliases:
+            problems.append(f"{path}: alias '{alias}' points at the alias '{target}' "
+                            "(aliases do not chain)")
+    return problems
+
+
+@dataclass(frozen=True)
+class Aliases:
+    """Alias → concrete model id, without chaining. Keys with ``*``, ``?`` or ``[`` are globs
+    (``claude-*`` catches Claude Code's model names), tried in file order after exact names."""
+
+    exact: Mapping[str, str]
+    globs: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, mapping: Mapping[str, str]) -> Aliases:
+        exact = {k: v for k, v in mapping.items() if not _is_glob(k)}
+        globs = tuple((k, v) for k, v in mapping.items() if _is_glob(k))
+        return cls(exact, globs)
+
+    def resolve(self, name: str) -> str:
+        """The concrete id for ``name`` (``name`` itself when no alias matches)."""
+        target = self.exact.get(name)
+        if target is not None:
+            return target
+        for pattern, glob_target in self.globs:
+            if fnmatch.fnmatchcase(name, pattern):
+                return glob_target
+        return name
+
+
+def _is_glob(name: str) -> bool:
+    return any(c in name for c in "*?[")
