@@ -61,8 +61,10 @@ def _settings_from(
     """
     config = load_cortex_config(config_path) if config_path is not None else None
     aliases = Aliases.of({})
+    allowed: tuple[str, ...] | None = None
     if config is not None and config_path is not None:
         aliases = Aliases.of(load_models(models_path(config, config_path)).aliases)
+        allowed = tuple(n.name for n in config.neurons) if config.neurons else None
         file_host, file_port = listen_address(config.gateway.listen)
         host = host or file_host
         port = port or file_port
@@ -71,6 +73,7 @@ def _settings_from(
     return GatewaySettings(
         host=host or "0.0.0.0",  # noqa: S104 - the gateway serves the network
         port=port or 31313, nats_url=nats_url, root=root or "cortex", aliases=aliases,
+        allowed_nodes=allowed,
     )
 
 
@@ -132,7 +135,8 @@ def serve(
             return 1
     try:
         settings = replace(settings, nats_url=url)
-        app = create_app(settings, bus=GatewayBus(settings, FleetView()))
+        fleet = FleetView(allowed=settings.allowed_nodes)
+        app = create_app(settings, bus=GatewayBus(settings, fleet))
         uvicorn.run(app, host=settings.host, port=settings.port,
                     log_level=log_level, lifespan="on", log_config=None)
     finally:

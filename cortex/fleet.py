@@ -8,13 +8,16 @@ messages reach the same view without sharing anything else.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import msgspec
 
 from bus_schema.messages import Activation, FleetEvent, Heartbeat, ResidentModel
+
+log = logging.getLogger(__name__)
 
 STALE_AFTER_BEATS = 3.0
 
@@ -46,12 +49,34 @@ class Location:
 class FleetView:
     """Nodes and the models they hold, as last heard on the bus."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, *, allowed: Iterable[str] | None = None
+    ) -> None:
+        """Create an empty view.
+
+        Args:
+            clock: monotonic seconds.
+            allowed: the ``[[neurons]]`` allow-list of ``cortex.toml``; None accepts every node.
+                Messages from other nodes are ignored (each name warned about once); a listed
+                node that never heartbeats counts in `health` as unhealthy.
+        """
         self._clock = clock
         self._nodes: dict[str, NodeView] = {}
+        self._allowed = frozenset(allowed) if allowed is not None else None
+        self._refused: set[str] = set()
+
+    def _accepts(self, node: str) -> bool:
+        if self._allowed is None or node in self._allowed:
+            return True
+        if node not in self._refused and len(self._refused) < 1024:
+            self._refused.add(node)
+            log.warning("ignoring neuron '%s': not in the [[neurons]] allow-list", node)
+        return False
 
     def apply(self, event: FleetEvent) -> None:
         """Fold one heartbeat or activation into the view."""
+        if not self._accepts(event.node):
+            return
         now = self._clock()
         match event:
             case Heartbeat():
@@ -98,9 +123,11 @@ class FleetView:
         return node is not None and not node.is_stale(self._clock())
 
     def health(self) -> tuple[int, int]:
-        """(healthy nodes, known nodes)."""
+        """(healthy nodes, known nodes); allow-listed nodes never heard of count as unhealthy."""
         now = self._clock()
-        return sum(not n.is_stale(now) for n in self._nodes.values()), len(self._nodes)
+        healthy = sum(not n.is_stale(now) for n in self._nodes.values())
+        silent = len(self._allowed - self._nodes.keys()) if self._allowed is not None else 0
+        return healthy, len(self._nodes) + silent
 
     def locations(self, model: str) -> list[Location]:
         """Every node that reports ``model``, sorted by node name."""

@@ -41,6 +41,8 @@ class GatewaySettings:
     """HTTP body limit; lowered at start-up to what the NATS server accepts."""
     aliases: Aliases = field(default_factory=lambda: Aliases.of({}))
     """Requested model name → concrete id (``models.toml`` ``[aliases]``, globs allowed)."""
+    allowed_nodes: tuple[str, ...] | None = None
+    """``cortex.toml`` ``[[neurons]]``: only these nodes are heard; None hears every node."""
 
     def __post_init__(self) -> None:
         check_root(self.root)

@@ -123,6 +123,7 @@ def test_flags_override_the_file_and_aliases_come_from_models_toml(tmp_path: Pat
     assert (from_file.host, from_file.port) == ("127.0.0.1", 8080)
     assert from_file.nats_url == "nats://gateway:secret@bus:4222"
     assert from_file.aliases.resolve("claude-sonnet-4-6") == "Qwen/Qwen3.6-27B"
+    assert from_file.allowed_nodes == ("beast",)
     flagged = _settings_from(path, host="0.0.0.0", port=9000, nats_url="nats://x:4222",
                              root=None)
     assert (flagged.host, flagged.port, flagged.nats_url) == ("0.0.0.0", 9000, "nats://x:4222")

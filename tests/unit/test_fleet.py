@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bus_schema.messages import Activation, Heartbeat, ResidentModel
 from cortex.fleet import FleetView
 
@@ -71,3 +73,17 @@ def test_activation_from_an_unknown_node_waits_for_its_heartbeat() -> None:
     fleet = FleetView(Clock())
     fleet.apply(Activation(node="z", event="ready", model="m/x", at=0.0))
     assert fleet.model_ids() == []
+
+
+def test_an_allow_list_ignores_other_nodes_and_counts_silent_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fleet = FleetView(Clock(), allowed=["a", "quiet"])
+    fleet.apply(beat("a", loaded("m/x")))
+    fleet.apply(beat("intruder", loaded("m/x")))
+    fleet.apply(beat("intruder", loaded("m/y")))
+    fleet.apply(Activation(node="intruder", event="ready", model="m/z", at=0.0))
+    assert [loc.node for loc in fleet.routable("m/x")] == ["a"]
+    assert fleet.model_ids() == ["m/x"]
+    assert fleet.health() == (1, 2)  # "quiet" is listed but never heartbeat
+    assert caplog.text.count("ignoring neuron 'intruder'") == 1
