@@ -189,6 +189,14 @@ class JobStream:
             return
         await self._bus.cancel(self.node, self.job.job_id, reason)
 
+    async def release(self) -> None:
+        """Done with this stream, however it ended: cancel the job if it still runs, stop
+        routing its inbox (idempotent). Responses also run it after they are sent, so a client
+        that leaves before the body's first byte still frees the neuron's slot."""
+        if not self.finished:
+            await self.cancel()
+        self.close()
+
     def close(self) -> None:
         """Stop routing this job's inbox messages here (idempotent)."""
         self._bus.forget(self._token)

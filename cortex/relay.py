@@ -140,8 +140,7 @@ async def relay(stream: JobStream, accepted: JobAccepted) -> AsyncGenerator[Batc
     finally:
         if not stream.finished:
             log.info("job=%s client went away; cancelling on %s", stream.job.job_id, stream.node)
-            await stream.cancel()
-        stream.close()
+        await stream.release()
 
 
 @dataclass(frozen=True)

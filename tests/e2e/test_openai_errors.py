@@ -4,6 +4,8 @@ error table, before the 200 as a real status and after it as an error event then
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,3 +116,33 @@ def test_engine_failure_mid_stream_and_before_any_token(
                       .get("content", "") for e in events[:-2])
     assert content == "Hello from"
     assert info.value.status_code == 502
+
+
+def test_a_client_gone_before_the_first_byte_frees_the_neuron(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    """The 200 and headers go out, the client has already closed its socket: whether or not the
+    body ever started, the job is cancelled on the neuron and the gateway forgets it."""
+    script = Script(words=tuple(f" w{i}" for i in range(50)), token_delay_s=0.1)  # ~5 s
+    with LocalStack(
+        nats_url=nats_server.url, root="e2e-openai-gone", engine=ScriptedEngine(script),
+        models=[ModelSpec(source=model_file(tmp_path), served_name=MODEL)],
+    ) as stack:
+        assert stack.bus is not None
+        body = json.dumps({"model": MODEL, "messages": HI, "stream": True}).encode()
+        host, port = stack.base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            assert sock.recv(12) == b"HTTP/1.1 200"  # accepted; the client leaves at once
+        deadline = time.monotonic() + 3.0
+        while stack.bus.running_on("n1") or _neuron_busy(stack):
+            assert time.monotonic() < deadline, "the job should be cancelled, not run for 5 s"
+            time.sleep(0.05)
+
+
+def _neuron_busy(stack: LocalStack) -> bool:
+    assert stack.bus is not None
+    node = stack.bus.fleet.node("n1")
+    return node is None or node.heartbeat.jobs_running > 0

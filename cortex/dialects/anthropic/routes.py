@@ -10,6 +10,7 @@ from typing import Final
 
 import msgspec
 from litestar import Response, Router, post
+from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from cortex.context import Gateway
@@ -63,7 +64,8 @@ def router(gw: Gateway) -> Router:
                                           thinking=translated.thinking)
             return Stream(write_batches(relay(stream, accepted), events.render,
                                         opening=events.start()),
-                          media_type=SSE, headers={**SSE_HEADERS, **headers})
+                          media_type=SSE, headers={**SSE_HEADERS, **headers},
+                          background=BackgroundTask(stream.release))
         done = await collect(stream, accepted, disconnect_waiter(request))
         return json_response(render.message(done, msg_id=msg_id, model=model,
                                             thinking=translated.thinking), headers=headers)

@@ -11,6 +11,7 @@ import time
 from typing import Protocol
 
 from litestar import Response, Router, post
+from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from cortex.context import Gateway
@@ -50,7 +51,8 @@ async def _answer(
                         include_usage=include_usage)
         return Stream(write_batches(relay(stream, accepted), events.render,
                                     opening=events.opening()),
-                      media_type=SSE, headers={**SSE_HEADERS, **headers})
+                      media_type=SSE, headers={**SSE_HEADERS, **headers},
+                      background=BackgroundTask(stream.release))
     done = await collect(stream, accepted, disconnect_waiter(request))
     return json_response(body(done, completion_id=completion_id, created=created,
                               model=draft.model), headers=headers)
