@@ -13,7 +13,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,11 +21,12 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 
+from cortex.errors import field_path
+
 log = logging.getLogger(__name__)
 
 NodeName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^.*>\s]+$")]
 ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
-_PATH_RE: Final = re.compile(r"at `\$\.?(.*)`$")
 ENV_PREFIX: Final = "CORTEX_"
 T = TypeVar("T")
 
@@ -106,8 +106,8 @@ def _convert(raw: dict[str, Any], kind: type[T], path: Path) -> T:
     try:
         return msgspec.convert(raw, kind, strict=True)
     except msgspec.ValidationError as exc:
-        match = _PATH_RE.search(str(exc))
-        where = f" (key '{match.group(1)}')" if match and match.group(1) else ""
+        field = field_path(exc)
+        where = f" (key '{field}')" if field else ""
         raise ConfigError(f"failed to load config from '{path}'{where}: {exc}") from None
 
 

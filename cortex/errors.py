@@ -12,9 +12,12 @@ The reasons are the bus `ErrorCode`s (same values) plus the gateway's own.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
+
+import msgspec
 
 from bus_schema.errors import ErrorCode
 from bus_schema.messages import JobFailed
@@ -180,3 +183,12 @@ def from_job_failure(failure: JobFailed) -> ApiError:
                         prompt_tokens=failure.prompt_tokens,
                         max_prompt_tokens=failure.max_prompt_tokens)
     return ApiError(reason, failure.message)
+
+
+_FIELD_RE: Final = re.compile(r"at `\$\.?(.*)`$")
+
+
+def field_path(exc: msgspec.ValidationError) -> str | None:
+    """The offending field of a msgspec validation error (``messages[0].role``), if it names one."""
+    match = _FIELD_RE.search(str(exc))
+    return match.group(1) or None if match else None

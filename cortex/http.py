@@ -4,17 +4,40 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
+import msgspec
 from litestar import Request, Response
 
+from cortex.errors import bad_request, field_path
 from cortex.relay import Batch, Outcome
+
+T = TypeVar("T")
 
 AnyRequest = Request[Any, Any, Any]
 JSON: Final = "application/json"
 SSE: Final = "text/event-stream"
 #: REFERENCE §7.3: no caching, no proxy buffering of event streams.
 SSE_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode and type-check a JSON request body, for every dialect.
+
+    Raises:
+        ApiError: 400 with the offending field as ``param`` and first in the message
+            (``max_tokens: Expected `int`, got `str` …``).
+    """
+    if not body.strip():
+        raise bad_request("request body is empty; expected a JSON object")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        field = field_path(exc)
+        raise bad_request(f"{field}: {exc}" if field else f"invalid request body: {exc}",
+                          param=field) from None
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}") from None
 
 
 def json_response(

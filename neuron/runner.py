@@ -143,6 +143,15 @@ def job_prompt(model: LoadedModel, job: JobRequest) -> Prompt:
                           chat_template_kwargs=job.chat_template_kwargs)
 
 
+@dataclass(frozen=True, slots=True)
+class _Routed:
+    """One generated token's id (None for the held-back tail at the end) and the output it
+    released, already routed on the model's thread."""
+
+    token_id: int | None
+    pieces: list[Piece]
+
+
 class _ChunkBuilder:
     """Collects routed output for the next `TokenChunk`, whose fields have a fixed order
     (reasoning, text, tool calls): a piece that would go back in that order starts a new chunk."""
@@ -159,8 +168,8 @@ class _ChunkBuilder:
         self._calls: list[EmittedToolCall] = []
         self._stage = 0
 
-    def add_ids(self, ids: list[int]) -> None:
-        self._ids.extend(ids)
+    def add_id(self, token_id: int) -> None:
+        self._ids.append(token_id)
 
     def fits(self, piece: Piece) -> bool:
         return _STAGE[type(piece)] >= self._stage
@@ -340,7 +349,7 @@ class JobRunner:
             presence_penalty=job.params.presence_penalty,
             frequency_penalty=job.params.frequency_penalty,
         )
-        queue: asyncio.Queue[Step | Finish | BaseException | object] = asyncio.Queue()
+        queue: asyncio.Queue[_Routed | Finish | BaseException | object] = asyncio.Queue()
         deadline = job.deadline
         expired = threading.Event()
         # Raw prompts (/v1/completions) are not routed: their output is text, markers included.
@@ -349,11 +358,23 @@ class JobRunner:
             parse_tools=bool(job.tools), job_id=job.job_id,
         )
 
-        def produce() -> None:  # on the model's thread
+        def split(text: str, *, final: bool = False) -> list[Piece]:  # on the model's thread
+            if router is None:
+                return [TextPiece(text)] if text else []
+            pieces = router.push(text) if text else []
+            return pieces + router.flush() if final else pieces
+
+        def produce() -> None:  # on the model's thread: generation and output routing
             loop.call_soon_threadsafe(queue.put_nowait, _STARTED)
             try:
                 for item in model.generate(prompt_ids, params, cancelled):
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                    if isinstance(item, Step):
+                        routed = _Routed(item.token_id, split(item.text))
+                        loop.call_soon_threadsafe(queue.put_nowait, routed)
+                    else:
+                        routed = _Routed(None, split(item.text, final=True))
+                        loop.call_soon_threadsafe(queue.put_nowait, routed)
+                        loop.call_soon_threadsafe(queue.put_nowait, item)
                     if deadline is not None and not cancelled.is_set() and time.time() > deadline:
                         expired.set()
                         cancelled.set()
@@ -369,14 +390,10 @@ class JobRunner:
         finish: Finish | None = None
         error: BaseException | None = None
 
-        async def route(text: str, *, final: bool = False) -> None:
-            if router is None:
-                pieces: list[Piece] = [TextPiece(text)] if text else []
-            else:
-                pieces = router.push(text) if text else []
-                if final:
-                    pieces += router.flush()
-            for piece in pieces:
+        async def add(routed: _Routed) -> None:
+            if routed.token_id is not None:
+                chunk.add_id(routed.token_id)
+            for piece in routed.pieces:
                 if not chunk.fits(piece):
                     await send()
                 chunk.add(piece)
@@ -397,12 +414,10 @@ class JobRunner:
                         started_at = time.monotonic()
                         slot.waiting -= 1
                         slot.running += 1
-                    elif isinstance(entry, Step):
-                        chunk.add_ids([entry.token_id])
-                        await route(entry.text)
+                    elif isinstance(entry, _Routed):
+                        await add(entry)
                     elif isinstance(entry, Finish):
                         finish = entry
-                        await route(entry.text, final=True)
                     elif isinstance(entry, BaseException):
                         error = entry
                 await send()

@@ -4,7 +4,6 @@ sampling under the request's ``anthropic-version``."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -14,10 +13,10 @@ from bus_schema.messages import ChatMessage, ToolCall, ToolCallFunction, ToolDef
 from cortex.dialects.anthropic.shapes import ContentBlockIn, MessageIn, MessagesRequest, ToolIn
 from cortex.dispatch import JobDraft, Sampling
 from cortex.errors import ApiError, Reason, bad_request
+from cortex.http import decode_body
 
 _decoder: Final = msgspec.json.Decoder(MessagesRequest)
 _json: Final = msgspec.json.Encoder()
-_PATH_RE: Final = re.compile(r"at `\$\.?(.*)`$")
 _MAX_STOP: Final = 16
 #: Under this version Anthropic's API refuses sampling parameters; we ignore them (§8.1).
 _NO_SAMPLING_VERSION: Final = "2026-10-21"
@@ -36,18 +35,9 @@ def parse(body: bytes) -> MessagesRequest:
     """Decode a Messages body.
 
     Raises:
-        ApiError: 400 naming the offending field (``max_tokens: Field required`` style).
+        ApiError: 400 naming the offending field (``max_tokens: Expected `int` …``).
     """
-    if not body.strip():
-        raise bad_request("request body is empty; expected a JSON object")
-    try:
-        return _decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        match = _PATH_RE.search(str(exc))
-        field = match.group(1) if match else None
-        raise bad_request(f"{field}: {exc}" if field else str(exc), param=field) from None
-    except msgspec.DecodeError as exc:
-        raise bad_request(f"request body is not valid JSON: {exc}") from None
+    return decode_body(body, _decoder)
 
 
 def _text(blocks: str | list[ContentBlockIn] | None, joiner: str) -> str:

@@ -14,8 +14,8 @@ from cortex.dialects.openai.shapes import (
     ChatCompletion,
     ChatCompletionChunk,
     Choice,
+    ChoiceDelta,
     ChunkChoice,
-    Delta,
     ErrorBody,
     ErrorDetail,
     FunctionCallOut,
@@ -29,6 +29,7 @@ from cortex.dialects.openai.shapes import (
 from cortex.errors import ApiError, Reason
 from cortex.relay import (
     Completion,
+    Delta,
     Failed,
     Finished,
     KeepAlive,
@@ -96,7 +97,9 @@ def text_completion(
 
 
 class _Chunks(abc.ABC):
-    """One stream's SSE events (``data: <json>\n\n``): the fields every chunk repeats."""
+    """One stream's SSE events (``data: <json>\n\n``): keep-alives, the end (finish chunk, the
+    usage chunk only with ``stream_options.include_usage``, ``[DONE]``) and mid-stream errors are
+    the same for every OpenAI stream; subclasses shape the chunks."""
 
     def __init__(self, *, completion_id: str, created: int, model: str,
                  include_usage: bool) -> None:
@@ -105,22 +108,34 @@ class _Chunks(abc.ABC):
         self._model = model
         self._include_usage = include_usage
 
-    def _end(self, finish: bytes, finished: Finished) -> bytes:
-        """The finish chunk, the usage chunk (only with ``stream_options.include_usage``, as
-        the last before ``[DONE]``), then ``[DONE]``."""
-        usage = self._usage_chunk(_usage(finished)) if self._include_usage else b""
-        return finish + usage + DONE
-
-    @abc.abstractmethod
-    def _usage_chunk(self, usage: Usage) -> bytes: ...
-
-    @abc.abstractmethod
-    def render(self, outcome: Outcome) -> bytes:
-        """The bytes one relay outcome becomes."""
-
     def opening(self) -> bytes:
         """What the stream starts with, sent together with the first outcomes."""
         return b""
+
+    def render(self, outcome: Outcome) -> bytes:
+        """The bytes one relay outcome becomes."""
+        match outcome:
+            case TextDelta() | ReasoningDelta() | ToolCallDelta():
+                return self._delta_chunk(outcome)
+            case KeepAlive():
+                return KEEPALIVE
+            case Finished():
+                usage = self._usage_chunk(_usage(outcome)) if self._include_usage else b""
+                return self._finish_chunk(outcome.reason) + usage + DONE
+            case Failed(error=error):
+                return error_event(error) + DONE
+            case _:
+                assert_never(outcome)
+
+    @abc.abstractmethod
+    def _delta_chunk(self, delta: Delta) -> bytes: ...
+
+    @abc.abstractmethod
+    def _finish_chunk(self, reason: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def _usage_chunk(self, usage: Usage) -> bytes:
+        """The ``choices: []`` chunk that carries the usage."""
 
 
 class ChatChunks(_Chunks):
@@ -132,41 +147,35 @@ class ChatChunks(_Chunks):
         ))
         return b"data: " + body + b"\n\n"
 
-    def _usage_chunk(self, usage: Usage) -> bytes:
-        return self._chunk([], usage)
-
-    def _delta(self, delta: Delta) -> bytes:
+    def _choice(self, delta: ChoiceDelta) -> bytes:
         return self._chunk([ChunkChoice(index=0, delta=delta)])
 
     def opening(self) -> bytes:
         """The first chunk: the assistant role (the only delta that carries it)."""
-        return self._delta(Delta(role="assistant", content=""))
+        return self._choice(ChoiceDelta(role="assistant", content=""))
 
-    def tool_call(self, call: ToolCallDelta) -> bytes:
-        """Two chunks: id, type and name with empty arguments, then the arguments."""
-        head = ToolCallDeltaOut(index=call.index, id=call.id, type="function",
-                                function=FunctionDelta(name=call.name, arguments=""))
-        body = ToolCallDeltaOut(index=call.index, function=FunctionDelta(arguments=call.arguments))
-        return self._delta(Delta(tool_calls=[head])) + self._delta(Delta(tool_calls=[body]))
-
-    def render(self, outcome: Outcome) -> bytes:
-        match outcome:
+    def _delta_chunk(self, delta: Delta) -> bytes:
+        match delta:
             case TextDelta(text=text):
-                return self._delta(Delta(content=text))
+                return self._choice(ChoiceDelta(content=text))
             case ReasoningDelta(text=text):
-                return self._delta(Delta(reasoning_content=text))
+                return self._choice(ChoiceDelta(reasoning_content=text))
             case ToolCallDelta():
-                return self.tool_call(outcome)
-            case KeepAlive():
-                return KEEPALIVE
-            case Finished():
-                finish = self._chunk([ChunkChoice(index=0, delta=Delta(),
-                                                  finish_reason=outcome.reason)])
-                return self._end(finish, outcome)
-            case Failed(error=error):
-                return error_event(error) + DONE
+                # id, type and name once with empty arguments, then the arguments
+                head = ToolCallDeltaOut(index=delta.index, id=delta.id, type="function",
+                                        function=FunctionDelta(name=delta.name, arguments=""))
+                body = ToolCallDeltaOut(index=delta.index,
+                                        function=FunctionDelta(arguments=delta.arguments))
+                return (self._choice(ChoiceDelta(tool_calls=[head]))
+                        + self._choice(ChoiceDelta(tool_calls=[body])))
             case _:
-                assert_never(outcome)
+                assert_never(delta)
+
+    def _finish_chunk(self, reason: str) -> bytes:
+        return self._chunk([ChunkChoice(index=0, delta=ChoiceDelta(), finish_reason=reason)])
+
+    def _usage_chunk(self, usage: Usage) -> bytes:
+        return self._chunk([], usage)
 
 
 class TextChunks(_Chunks):
@@ -180,28 +189,20 @@ class TextChunks(_Chunks):
         ))
         return b"data: " + body + b"\n\n"
 
+    def _delta_chunk(self, delta: Delta) -> bytes:
+        match delta:
+            case TextDelta(text=text) | ReasoningDelta(text=text):
+                return self._chunk([TextChoice(index=0, text=text)])
+            case ToolCallDelta(arguments=arguments):
+                return self._chunk([TextChoice(index=0, text=arguments)])
+            case _:
+                assert_never(delta)
+
+    def _finish_chunk(self, reason: str) -> bytes:
+        return self._chunk([TextChoice(index=0, text="", finish_reason=reason)])
+
     def _usage_chunk(self, usage: Usage) -> bytes:
         return self._chunk([], usage)
-
-    def _text(self, text: str) -> bytes:
-        return self._chunk([TextChoice(index=0, text=text)])
-
-    def render(self, outcome: Outcome) -> bytes:
-        match outcome:
-            case TextDelta(text=text) | ReasoningDelta(text=text):
-                return self._text(text)
-            case ToolCallDelta(arguments=arguments):
-                return self._text(arguments)
-            case KeepAlive():
-                return KEEPALIVE
-            case Finished():
-                finish = self._chunk([TextChoice(index=0, text="",
-                                                 finish_reason=outcome.reason)])
-                return self._end(finish, outcome)
-            case Failed(error=error):
-                return error_event(error) + DONE
-            case _:
-                assert_never(outcome)
 
 
 def error_event(error: ApiError) -> bytes:

@@ -165,7 +165,7 @@ class ToolCallDeltaOut(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=
     type: Literal["function"] | None = None
 
 
-class Delta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class ChoiceDelta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
@@ -174,7 +174,7 @@ class Delta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 class ChunkChoice(msgspec.Struct, frozen=True, kw_only=True):
     index: int
-    delta: Delta
+    delta: ChoiceDelta
     finish_reason: str | None = None
     logprobs: None = None
 

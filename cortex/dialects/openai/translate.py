@@ -3,8 +3,7 @@ translation of messages, tools and sampling (REFERENCE §7.1)."""
 
 from __future__ import annotations
 
-import re
-from typing import Final, TypeVar
+from typing import Final
 
 import msgspec
 
@@ -18,35 +17,14 @@ from cortex.dialects.openai.shapes import (
 )
 from cortex.dispatch import JobDraft, Sampling
 from cortex.errors import ApiError, Reason, bad_request
-
-T = TypeVar("T")
+from cortex.http import decode_body
 
 _chat_decoder: Final = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder: Final = msgspec.json.Decoder(CompletionRequest)
 _json: Final = msgspec.json.Encoder()
-_PATH_RE: Final = re.compile(r"at `\$\.?(.*)`$")
 _MAX_STOP: Final = 16
 #: OpenAI's documented default for ``/v1/completions`` (vLLM follows it too).
 LEGACY_DEFAULT_MAX_TOKENS: Final = 16
-
-
-def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
-    """Decode and type-check a JSON body.
-
-    Raises:
-        ApiError: 400 with the offending field as ``param``.
-    """
-    if not body.strip():
-        raise bad_request("request body is empty; expected a JSON object")
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        match = _PATH_RE.search(text)
-        raise bad_request(f"invalid request body: {text}",
-                          param=match.group(1) if match else None) from None
-    except msgspec.DecodeError as exc:
-        raise bad_request(f"request body is not valid JSON: {exc}") from None
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
