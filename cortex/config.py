@@ -21,12 +21,11 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 
+from bus_schema.messages import ModelId, NodeName
 from cortex.errors import field_path
 
 log = logging.getLogger(__name__)
 
-NodeName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^.*>\s]+$")]
-ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 ENV_PREFIX: Final = "CORTEX_"
 T = TypeVar("T")
 
