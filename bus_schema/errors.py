@@ -26,3 +26,7 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     SHUTTING_DOWN = "shutting_down"
+    PREFLIGHT_FAILED = "preflight_failed"
+    """A load refused before any download; the reply's ``preflight`` says why."""
+    PINNED = "pinned"
+    """An eviction of a model pinned on the node."""

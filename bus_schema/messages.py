@@ -209,6 +209,11 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     memory_total_mb: NonNegInt
     memory_free_mb: NonNegInt
+    """Physical free memory (CUDA: ``torch.cuda.mem_get_info``; CPU: MemAvailable)."""
+    budget_mb: NonNegInt | None = None
+    """How much of this device the neuron may fill with models (``memory_budget_mb``)."""
+    models_mb: NonNegInt = 0
+    """What the resident (and loading) models on this device take, as the neuron accounts them."""
 
 
 class HostInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -238,6 +243,12 @@ class ResidentModel(msgspec.Struct, frozen=True, kw_only=True):
     jobs_running: NonNegInt = 0
     jobs_waiting: NonNegInt = 0
     load_progress: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    loaded_at: Timestamp | None = None
+    """When the weights became resident (the residency floor counts from here)."""
+    last_used_at: Timestamp | None = None
+    """When a job for it last started (the LRU clock every gateway shares); None: never."""
+    devices: tuple[NonNegInt, ...] = ()
+    """Indices (into `Heartbeat.devices`) of the devices it occupies."""
 
 
 class FailedActivation(msgspec.Struct, frozen=True, kw_only=True):
@@ -314,10 +325,14 @@ class LoadRequest(BusMessage, frozen=True, tag="load", kw_only=True):
     tensor_parallel: Annotated[int, msgspec.Meta(ge=1)] | None = None
     devices: tuple[NonNegInt, ...] = ()
     pinned: bool = False
+    memory_mb: NonNegInt | None = None
+    """The catalogue's estimate (``vram_mb``); the neuron accounts the larger of it and its own."""
 
 
 class UnloadRequest(BusMessage, frozen=True, tag="unload", kw_only=True):
     model_id: str
+    evict: bool = False
+    """An eviction (cold-load pressure): refused with 409 for a model pinned on the node."""
 
 
 class PinRequest(BusMessage, frozen=True, tag="pin", kw_only=True):
@@ -353,6 +368,28 @@ ControlRequest = (
 )
 
 
+PreflightKind = Literal[
+    "repo_fetch_failed", "empty_repo", "tp_requires_safetensors", "quant_not_found",
+]
+
+
+class PreflightFailure(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Why a load was refused before any download (REFERENCE §6.6); the reference's body fields."""
+
+    kind: PreflightKind
+    model_id: str
+    cause: str | None = None
+    """``repo_fetch_failed``: what went wrong listing the repo."""
+    tp_size: NonNegInt | None = None
+    gguf_quants: tuple[str, ...] | None = None
+    suggestion: str | None = None
+    requested: str | None = None
+    """``quant_not_found``: the quant asked for."""
+    available: tuple[str, ...] | None = None
+    nearest: str | None = None
+    """``quant_not_found``: the Levenshtein-closest quant token, when there is one."""
+
+
 class ControlReply(BusMessage, frozen=True, tag="reply", kw_only=True):
     """Answer to any control request: an HTTP-like ``status`` and the reference body fields."""
 
@@ -362,3 +399,7 @@ class ControlReply(BusMessage, frozen=True, tag="reply", kw_only=True):
     model: ModelId | None = None
     tokens: NonNegInt | None = None
     """For ``tokenize``."""
+    preflight: PreflightFailure | None = None
+    """For a ``load`` refused by preflight (status 422)."""
+    memory_mb: NonNegInt | None = None
+    """For ``load``: what the model is accounted at on the node."""

@@ -39,6 +39,9 @@ class Reason(enum.StrEnum):
     NOT_FOUND = "not_found"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     SHUTTING_DOWN = "shutting_down"
+    PREFLIGHT_FAILED = "preflight_failed"
+    """A load refused before download; the preflight kind is the error's ``code``."""
+    PINNED = "pinned"
     # the gateway's own
     MODEL_NOT_FOUND = "model_not_found"
     """No node holds the model and the catalogue does not know it."""
@@ -99,6 +102,8 @@ REASONS: Final[Mapping[Reason, ErrorSpec]] = {
     Reason.UNSUPPORTED: ErrorSpec(400, _INVALID, "unsupported_parameter", _INVALID),
     Reason.UNSUPPORTED_ARCHITECTURE: ErrorSpec(422, _INVALID, "unsupported_architecture",
                                                _INVALID),
+    Reason.PREFLIGHT_FAILED: ErrorSpec(422, _INVALID, "preflight_failed", _INVALID),
+    Reason.PINNED: ErrorSpec(409, _INVALID, "pinned", _INVALID),
     Reason.UNAUTHORIZED: ErrorSpec(401, "authentication_error", "invalid_api_key",
                                    "authentication_error"),
     Reason.MODEL_NOT_FOUND: ErrorSpec(404, _INVALID, "model_not_found", "not_found_error"),

@@ -36,3 +36,20 @@ class ModelNotLoadedError(NeuronError):
     def __init__(self, model_id: str) -> None:
         self.model_id = model_id
         super().__init__(f"model '{model_id}' not loaded on this neuron")
+
+
+class InsufficientMemoryError(NeuronError):
+    """A load does not fit the device's memory budget (refused before reading weights)."""
+
+    def __init__(self, message: str, *, need_mb: int) -> None:
+        self.need_mb = need_mb
+        super().__init__(message)
+
+
+class AlreadyLoadedError(NeuronError):
+    """A load of a model this neuron already holds (the reference's wording; callers treat it as
+    success)."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        super().__init__(f"model '{model_id}' already loaded")

@@ -1,8 +1,12 @@
-"""Which models this neuron holds, and their lifecycle: resolve → load → ready → unload.
+"""Which models this neuron holds, and their lifecycle: resolve → admit → load → unload.
 
 Each resident model owns a single-thread executor: loading and all generation for that model run
 there, never on the event loop. Lifecycle changes are reported through an `ActivationSink` (the
-worker publishes them on the bus and the CLI draws progress bars from them).
+worker publishes them on the bus and the CLI draws progress bars from them); ``ready`` is the
+worker's to report, once the model's job subjects are subscribed.
+
+A load is admitted against the device's memory budget (`neuron.memory`) after resolving the files
+and before reading any weights.
 """
 
 from __future__ import annotations
@@ -15,9 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from bus_schema.messages import ActivationEventKind, ResidentModel
+from bus_schema.messages import ActivationEventKind, Device, ResidentModel
+from neuron.devices import discover_devices
 from neuron.engines.base import Engine, LoadedModel
-from neuron.errors import ModelNotLoadedError, NeuronError
+from neuron.errors import (
+    AlreadyLoadedError,
+    InsufficientMemoryError,
+    ModelNotLoadedError,
+)
+from neuron.memory import MemoryBook, estimate_mb
 from neuron.settings import ModelSpec
 from neuron.sources import ResolvedModel, default_served_name, resolve_model
 
@@ -42,6 +52,13 @@ class ModelSlot:
     progress: float = 0.0
     running: int = 0
     waiting: int = 0
+    pinned: bool = False
+    memory_mb: int = 0
+    """What this model is accounted at on its device (`neuron.memory`)."""
+    device_index: int = 0
+    loaded_at: float | None = None
+    last_used_at: float | None = None
+    ready_message: str = ""
 
     def require(self) -> LoadedModel:
         """The loaded model.
@@ -62,12 +79,15 @@ class ModelSlot:
             engine=info.engine if info else "",
             format=info.format if info else "",
             context_length=info.context_length if info else None,
-            memory_mb=info.memory_bytes // (1024 * 1024) if info else None,
+            memory_mb=self.memory_mb,
             device=info.device if info else "",
-            pinned=self.spec.pinned,
+            pinned=self.pinned,
             jobs_running=self.running,
             jobs_waiting=self.waiting,
             load_progress=None if self.status == "loaded" else round(self.progress, 3),
+            loaded_at=self.loaded_at,
+            last_used_at=self.last_used_at,
+            devices=(self.device_index,),
         )
 
 
@@ -80,12 +100,35 @@ class Residency:
     """The set of models this neuron holds."""
 
     def __init__(
-        self, engine: Engine, sink: ActivationSink, *, hf_cache: Path | None = None
+        self,
+        engine: Engine,
+        sink: ActivationSink,
+        *,
+        hf_cache: Path | None = None,
+        memory: MemoryBook | None = None,
+        device: str = "cpu",
+        devices: Callable[[], tuple[Device, ...]] = discover_devices,
     ) -> None:
+        """Hold models for ``engine`` on ``device`` (``cpu`` / ``cuda:N``), within ``memory``'s
+        budgets (default: half of the device); ``devices`` reads the host's devices now."""
         self._engine = engine
         self._sink = sink
         self._slots: dict[str, ModelSlot] = {}
         self._hf_cache = hf_cache
+        self._memory = memory or MemoryBook(budget_mb=None)
+        self._device = device
+        self._devices = devices
+
+    def used_mb(self) -> dict[int, int]:
+        """Memory accounted to models (loading ones included) per device index."""
+        used: dict[int, int] = {}
+        for slot in self._slots.values():
+            used[slot.device_index] = used.get(slot.device_index, 0) + slot.memory_mb
+        return used
+
+    def devices(self) -> tuple[Device, ...]:
+        """The host's devices with this neuron's budgets and model memory (for heartbeats)."""
+        return self._memory.report(self._devices(), self.used_mb())
 
     def get(self, model_id: str) -> ModelSlot | None:
         return self._slots.get(model_id)
@@ -96,18 +139,21 @@ class Residency:
     def snapshot(self) -> tuple[ResidentModel, ...]:
         return tuple(s.snapshot() for s in sorted(self._slots.values(), key=lambda s: s.model_id))
 
-    async def load(self, spec: ModelSpec) -> ModelSlot:
-        """Resolve and load ``spec``; returns when the weights are resident.
+    async def load(self, spec: ModelSpec, *, memory_mb: int | None = None) -> ModelSlot:
+        """Resolve, admit and load ``spec``; returns when the weights are resident (the caller
+        reports ``ready``). ``memory_mb`` is the gateway's estimate of its size.
 
         Raises:
+            InsufficientMemoryError: it does not fit the device's budget (nothing was read).
             NeuronError: resolving or loading failed (already reported as ``failed``).
         """
         model_id = served_id(spec)
         if model_id in self._slots:
-            raise NeuronError(f"model '{model_id}' already loaded")
+            raise AlreadyLoadedError(model_id)
         slot = ModelSlot(
             model_id=model_id,
             spec=spec,
+            pinned=spec.pinned,
             executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{model_id}"),
         )
         self._slots[model_id] = slot
@@ -119,25 +165,31 @@ class Residency:
                 slot.executor, self._resolve, spec, model_id
             )
             slot.source = resolved.source
+            need = max(estimate_mb(resolved.files), memory_mb or 0)
+            admission = self._memory.admit(await asyncio.to_thread(self._devices), self._device,
+                                           need, self.used_mb())
+            if admission.refusal is not None:
+                raise InsufficientMemoryError(admission.refusal, need_mb=need)
+            slot.memory_mb, slot.device_index = need, admission.device
             self._sink("started", model_id, 0.0, str(resolved.files.weights[0]))
             progress = _ProgressRelay(loop, slot, self._sink)
             slot.model = await loop.run_in_executor(
                 slot.executor, self._engine.load, resolved.files, progress
             )
-        except NeuronError as exc:
+        except BaseException as exc:  # reported as `failed`, then re-raised
             del self._slots[model_id]
             slot.executor.shutdown(wait=False)
-            self._sink("failed", model_id, None, str(exc))
+            self._sink("failed", model_id, None, str(exc) or type(exc).__name__)
             raise
         slot.status = "loaded"
         slot.progress = 1.0
+        slot.loaded_at = time.time()
         info = slot.model.info
-        self._sink(
-            "ready",
-            model_id,
-            1.0,
+        slot.memory_mb = max(slot.memory_mb, -(-info.memory_bytes // (1024 * 1024)))
+        slot.ready_message = (
             f"{info.architecture} {info.format} {info.parameters / 1e6:.0f}M params on "
-            f"{info.device} ({info.dtype}) in {time.monotonic() - started:.1f}s",
+            f"{info.device} ({info.dtype}, {slot.memory_mb} MiB) in "
+            f"{time.monotonic() - started:.1f}s"
         )
         return slot
 

@@ -53,6 +53,8 @@ class NeuronSettings:
     chunk_max_tokens: int = 16
     """Coalesce at most this many tokens into one TokenChunk."""
     drain_timeout_s: float = 30.0
+    memory_budget_mb: int | None = None
+    """Per device: how much the neuron may fill with models; None: half of the device."""
 
     def __post_init__(self) -> None:
         check_node_name(self.name)

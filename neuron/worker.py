@@ -56,10 +56,15 @@ from bus_schema.subjects import (
     job_subject,
     node_job_subject,
 )
-from neuron.devices import discover_devices, host_info
+from neuron.devices import host_info, resolve_device
 from neuron.engines.base import Engine
-from neuron.errors import ModelNotLoadedError, NeuronError
-from neuron.residency import Residency
+from neuron.errors import (
+    AlreadyLoadedError,
+    InsufficientMemoryError,
+    NeuronError,
+)
+from neuron.memory import MemoryBook
+from neuron.residency import Residency, served_id
 from neuron.runner import JobRunner, prepare_prompt
 from neuron.settings import ModelSpec, NeuronSettings
 
@@ -84,7 +89,13 @@ class Worker:
         self._on_activation = on_activation
         self._nc: NatsClient | None = None
         self._service: Service | None = None
-        self._residency = Residency(engine, self._activation, hf_cache=settings.hf_cache)
+        self._residency = Residency(
+            engine, self._activation, hf_cache=settings.hf_cache,
+            memory=MemoryBook(budget_mb=settings.memory_budget_mb),
+            device=resolve_device(settings.device),
+        )
+        self._loads: dict[str, asyncio.Future[None]] = {}
+        """Loads in progress by model id: a second load of the same model waits for the first."""
         self._runner = JobRunner(settings)
         self._job_subs: dict[str, list[Subscription]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -198,16 +209,43 @@ class Worker:
         self.ready.set()
         await self._publish_heartbeat()
 
-    async def load(self, spec: ModelSpec) -> str:
-        """Load a model and start serving it; returns its canonical id.
+    async def load(self, spec: ModelSpec, *, memory_mb: int | None = None) -> str:
+        """Load a model and start serving it; returns its canonical id once its job subjects
+        are subscribed (then ``ready`` goes out). A load of a model already loading here waits
+        for that load (single flight) and then reports it as already loaded.
 
         Raises:
+            AlreadyLoadedError: it is resident already (or was just loaded by a concurrent call).
+            InsufficientMemoryError: it does not fit the memory budget.
             NeuronError: resolving or loading failed.
         """
-        slot = await self._residency.load(spec)
+        model_id = served_id(spec)
+        pending = self._loads.get(model_id)
+        if pending is not None:
+            await asyncio.shield(pending)
+            raise AlreadyLoadedError(model_id)
+        if self._residency.get(model_id) is not None:
+            raise AlreadyLoadedError(model_id)
+        done = asyncio.get_running_loop().create_future()
+        self._loads[model_id] = done
+        try:
+            await self._load(spec, memory_mb)
+        except BaseException as exc:  # handed to concurrent waiters, then re-raised
+            done.set_exception(exc)
+            done.exception()  # retrieved: nobody else may be waiting
+            raise
+        else:
+            done.set_result(None)
+        finally:
+            del self._loads[model_id]
+        return model_id
+
+    async def _load(self, spec: ModelSpec, memory_mb: int | None) -> None:
+        slot = await self._residency.load(spec, memory_mb=memory_mb)
         s = self.settings
         if self._draining:
-            return slot.model_id  # resident, but this neuron takes no new jobs
+            self._activation("ready", slot.model_id, 1.0, slot.ready_message)
+            return  # resident, but this neuron takes no new jobs
         subs = [
             await self.nc.subscribe(
                 job_subject(slot.model_id, root=s.root), queue=JOB_QUEUE_GROUP, cb=self._handle_job
@@ -218,8 +256,8 @@ class Worker:
         ]
         self._job_subs[slot.model_id] = subs
         await self._confirm_subscriptions()  # interest is registered before anyone hears "ready"
+        self._activation("ready", slot.model_id, 1.0, slot.ready_message)
         await self._publish_heartbeat()
-        return slot.model_id
 
     async def _confirm_subscriptions(self) -> None:
         """Return once the server has every subscription made so far.
@@ -232,15 +270,15 @@ class Worker:
         await self.nc.flush()
         await self.nc.flush()
 
-    async def unload(self, model_id: str) -> None:
-        """Stop serving a model and release it.
+    async def unload(self, model_id: str, *, evict: bool = False) -> None:
+        """Stop serving a model and release it (``evict``: reported as ``evicted``).
 
         Raises:
             ModelNotLoadedError: not held here.
         """
         for sub in self._job_subs.pop(model_id, []):
             await sub.unsubscribe()
-        await self._residency.unload(model_id)
+        await self._residency.unload(model_id, event="evicted" if evict else "unloaded")
         await self._publish_heartbeat()
 
     # ------------------------------------------------------------------ jobs
@@ -259,11 +297,14 @@ class Worker:
     async def _run_job(self, job: JobRequest, reply: str) -> None:
         headers = {Headers.JOB_ID: job.job_id, Headers.NODE: self.settings.name}
         nc = self.nc
+        slot = self._residency.get(job.model)
+        if slot is not None:
+            slot.last_used_at = time.time()
 
         async def publish(event: JobEvent) -> None:
             await nc.publish(reply, codec.encode(event), headers=headers)
 
-        await self._runner.run(job, self._residency.get(job.model), publish)
+        await self._runner.run(job, slot, publish)
 
     # ------------------------------------------------------------------ fleet state
 
@@ -285,7 +326,7 @@ class Worker:
             started_at=self._started_at,
             version=package_version(),
             host=host_info(),
-            devices=discover_devices(),
+            devices=self._residency.devices(),
             models=self._residency.snapshot(),
             activation=activation,
             jobs_running=self._runner.running,
@@ -349,13 +390,8 @@ class Worker:
                                     message="cancelled" if found else f"job '{job_id}' not running")
             case LoadRequest():
                 return await self._control_load(request)
-            case UnloadRequest(model_id=model_id):
-                try:
-                    await self.unload(model_id)
-                except ModelNotLoadedError:
-                    return ControlReply(status=404, code=ErrorCode.NOT_FOUND, model=model_id,
-                                        message=f"model '{model_id}' not found on any harness")
-                return ControlReply(status=200, model=model_id, message="unloaded")
+            case UnloadRequest():
+                return await self._control_unload(request)
             case TokenizeRequest():
                 return await self._control_tokenize(request)
             case DrainRequest():
@@ -363,7 +399,7 @@ class Worker:
                 await self._stop_taking_jobs()
                 return ControlReply(status=200, message="draining")
             case PinRequest():
-                return ControlReply(status=501, message="pin is not implemented yet")
+                return await self._control_pin(request)
             case _:
                 assert_never(request)
 
@@ -373,10 +409,47 @@ class Worker:
                                 message=f"unknown harness: {request.harness}")
         spec = ModelSpec(source=request.model_id, quant=request.quant, pinned=request.pinned)
         try:
-            model_id = await self.load(spec)
+            model_id = await self.load(spec, memory_mb=request.memory_mb)
+        except AlreadyLoadedError as exc:
+            return self._loaded_reply(exc.model_id, str(exc))
+        except InsufficientMemoryError as exc:
+            return ControlReply(status=503, code=ErrorCode.INSUFFICIENT_MEMORY, message=str(exc),
+                                memory_mb=exc.need_mb)
         except NeuronError as exc:
             return ControlReply(status=400, code=ErrorCode.LOAD_FAILED, message=str(exc))
-        return ControlReply(status=200, model=model_id, message="loaded")
+        return self._loaded_reply(model_id, "loaded")
+
+    def _loaded_reply(self, model_id: str, message: str) -> ControlReply:
+        slot = self._residency.get(model_id)
+        return ControlReply(status=200, model=model_id, message=message,
+                            memory_mb=slot.memory_mb if slot is not None else None)
+
+    async def _control_unload(self, request: UnloadRequest) -> ControlReply:
+        model_id = request.model_id
+        slot = self._residency.get(model_id)
+        if slot is None:
+            return ControlReply(status=404, code=ErrorCode.NOT_FOUND, model=model_id,
+                                message=f"model '{model_id}' not found on any harness")
+        if slot.status != "loaded":
+            return ControlReply(status=409, code=ErrorCode.MODEL_NOT_LOADED, model=model_id,
+                                message=f"model '{model_id}' is still loading")
+        if request.evict and slot.pinned:
+            return ControlReply(status=409, code=ErrorCode.PINNED, model=model_id,
+                                message=f"model '{model_id}' is pinned on this node")
+        await self.unload(model_id, evict=request.evict)
+        return ControlReply(status=200, model=model_id,
+                            message="evicted" if request.evict else "unloaded")
+
+    async def _control_pin(self, request: PinRequest) -> ControlReply:
+        slot = self._residency.get(request.model_id)
+        if slot is None:
+            return ControlReply(status=404, code=ErrorCode.NOT_FOUND, model=request.model_id,
+                                message=f"model '{request.model_id}' not found on any harness")
+        slot.pinned = request.pinned
+        log.info("model %s %s", request.model_id, "pinned" if request.pinned else "unpinned")
+        await self._publish_heartbeat()
+        return ControlReply(status=200, model=request.model_id,
+                            message="pinned" if request.pinned else "unpinned")
 
     async def _control_tokenize(self, request: TokenizeRequest) -> ControlReply:
         slot = self._residency.get(request.model)
