@@ -17,8 +17,8 @@ import uvicorn
 from bus_schema.service import package_version
 from cortex.app import create_app
 from cortex.bus import GatewayBus
+from cortex.catalogue import Catalogue
 from cortex.config import (
-    Aliases,
     ConfigError,
     check_models,
     listen_address,
@@ -60,20 +60,28 @@ def _settings_from(
         ValueError: a flag's value is invalid.
     """
     config = load_cortex_config(config_path) if config_path is not None else None
-    aliases = Aliases.of({})
-    allowed: tuple[str, ...] | None = None
+    settings = GatewaySettings()
     if config is not None and config_path is not None:
-        aliases = Aliases.of(load_models(models_path(config, config_path)).aliases)
-        allowed = tuple(n.name for n in config.neurons) if config.neurons else None
         file_host, file_port = listen_address(config.gateway.listen)
         host = host or file_host
         port = port or file_port
         nats_url = nats_url or config.nats.url
         root = root or config.nats.root
-    return GatewaySettings(
+        settings = replace(
+            settings,
+            catalogue=Catalogue.of(load_models(models_path(config, config_path))),
+            allowed_nodes=tuple(n.name for n in config.neurons) if config.neurons else None,
+            eviction=config.eviction.strategy,
+            defrag_after_cycles=config.eviction.defrag_after_cycles,
+            min_residency_s=config.eviction.min_residency_s,
+            load_timeout_s=config.loading.timeout_s,
+            load_queue_depth=config.loading.queue_depth,
+            load_wait_s=config.loading.wait_s,
+        )
+    return replace(
+        settings,
         host=host or "0.0.0.0",  # noqa: S104 - the gateway serves the network
-        port=port or 31313, nats_url=nats_url, root=root or "cortex", aliases=aliases,
-        allowed_nodes=allowed,
+        port=port or 31313, nats_url=nats_url, root=root or "cortex",
     )
 
 

@@ -10,12 +10,10 @@ never fails because of it (as the reference).
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, TypeVar
 
@@ -44,6 +42,16 @@ class EvictionTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     strategy: Literal["lru", "priority"]
     defrag_after_cycles: Annotated[int, msgspec.Meta(ge=0)] = 50
     """Warn about fragmentation after this many eviction cycles; 0 never warns."""
+    min_residency_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    """Ours: a model loaded more recently than this is never evicted (no thrash)."""
+
+
+class LoadingTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Ours: cold loads and the requests that wait for them."""
+
+    timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 1800.0
+    queue_depth: Annotated[int, msgspec.Meta(ge=1)] = 64
+    wait_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
 
 
 class NeuronEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -68,6 +76,7 @@ class CortexConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Relative paths are taken from the directory of ``cortex.toml``."""
     neurons: list[NeuronEntry] = msgspec.field(default_factory=list)
     nats: NatsTable = msgspec.field(default_factory=NatsTable)
+    loading: LoadingTable = msgspec.field(default_factory=LoadingTable)
 
 
 class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -208,32 +217,3 @@ def check_models(path: Path) -> list[str]:
             problems.append(f"{path}: alias '{alias}' points at the alias '{target}' "
                             "(aliases do not chain)")
     return problems
-
-
-@dataclass(frozen=True)
-class Aliases:
-    """Alias → concrete model id, without chaining. Keys with ``*``, ``?`` or ``[`` are globs
-    (``claude-*`` catches Claude Code's model names), tried in file order after exact names."""
-
-    exact: Mapping[str, str]
-    globs: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def of(cls, mapping: Mapping[str, str]) -> Aliases:
-        exact = {k: v for k, v in mapping.items() if not _is_glob(k)}
-        globs = tuple((k, v) for k, v in mapping.items() if _is_glob(k))
-        return cls(exact, globs)
-
-    def resolve(self, name: str) -> str:
-        """The concrete id for ``name`` (``name`` itself when no alias matches)."""
-        target = self.exact.get(name)
-        if target is not None:
-            return target
-        for pattern, glob_target in self.globs:
-            if fnmatch.fnmatchcase(name, pattern):
-                return glob_target
-        return name
-
-
-def _is_glob(name: str) -> bool:
-    return any(c in name for c in "*?[")

@@ -66,7 +66,7 @@ def handlers(bus: GatewayBus) -> list[HTTPRouteHandler]:
         cards = [_card(bus, model) for model in known]
         served = set(known)
         cards += [_card(bus, target, shown_as=alias)
-                  for alias, target in sorted(bus.settings.aliases.exact.items())
+                  for alias, target in sorted(bus.settings.catalogue.aliases.exact.items())
                   if target in served and alias not in served]
         return json_response(_encoder.encode(ModelList(
             data=cards,
@@ -78,7 +78,7 @@ def handlers(bus: GatewayBus) -> list[HTTPRouteHandler]:
     @get("/v1/models/{model_id:path}", sync_to_thread=False)
     def get_model(model_id: FromPath[str]) -> Response[bytes]:
         asked = model_id.lstrip("/")
-        model = bus.settings.aliases.resolve(asked)
+        model = bus.settings.catalogue.resolve(asked)
         if model not in bus.fleet.model_ids():
             raise model_not_found(asked)
         return json_response(_encoder.encode(

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from typing import Literal
 
 from bus_schema.connection import parse_nats_urls
 from bus_schema.subjects import DEFAULT_ROOT, check_root
-from cortex.config import Aliases
+from cortex.catalogue import Catalogue
 
 
 def _gateway_id() -> str:
@@ -39,8 +40,20 @@ class GatewaySettings:
     default_temperature: float = 0.7
     max_body_bytes: int = 8 * 1024 * 1024
     """HTTP body limit; lowered at start-up to what the NATS server accepts."""
-    aliases: Aliases = field(default_factory=lambda: Aliases.of({}))
-    """Requested model name → concrete id (``models.toml`` ``[aliases]``, globs allowed)."""
+    catalogue: Catalogue = field(default_factory=Catalogue)
+    """``models.toml``: the profiles this fleet may load, and the aliases (globs allowed)."""
+    eviction: Literal["lru", "priority"] = "lru"
+    """``[eviction] strategy``: who makes room for a cold load (REFERENCE §5.3)."""
+    defrag_after_cycles: int = 50
+    """Warn about fragmentation after this many evictions on one node; 0 never warns."""
+    min_residency_s: float = 60.0
+    """A model loaded more recently than this is not evicted (two hot models cannot thrash)."""
+    load_timeout_s: float = 1800.0
+    """How long a cold load may take on the neuron."""
+    load_queue_depth: int = 64
+    """Requests that may wait for one model's cold load; more get 503 with Retry-After."""
+    load_wait_s: float = 600.0
+    """How long a request waits for a cold load before it gets 503 with Retry-After."""
     allowed_nodes: tuple[str, ...] | None = None
     """``cortex.toml`` ``[[neurons]]``: only these nodes are heard; None hears every node."""
 
@@ -51,7 +64,6 @@ class GatewaySettings:
         if not 0 < self.port < 65536:
             raise ValueError(f"invalid port {self.port}")
         for name in ("accept_timeout_s", "replica_accept_timeout_s", "stream_idle_timeout_s",
-                     "keepalive_interval_s",
-                     "job_deadline_s"):
+                     "keepalive_interval_s", "job_deadline_s", "load_timeout_s", "load_wait_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

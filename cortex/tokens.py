@@ -19,8 +19,9 @@ from bus_schema import codec
 from bus_schema.errors import ErrorCode
 from bus_schema.messages import TokenizeRequest
 from cortex.bus import BusError, GatewayBus
-from cortex.dispatch import JobDraft, check_routable
+from cortex.dispatch import JobDraft
 from cortex.errors import ApiError, Reason
+from cortex.routing import check_routable
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class TokenCounter:
         Raises:
             ApiError: unknown model, nobody serving it, or the template refused the messages.
         """
-        model = self._bus.settings.aliases.resolve(draft.model)
+        model = self._bus.settings.catalogue.resolve(draft.model)
         request = TokenizeRequest(model=model, messages=draft.messages, prompt=draft.prompt,
                                   chat_template_kwargs=draft.chat_template_kwargs,
                                   tools=draft.tools)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from cortex.config import Aliases
+from cortex.catalogue import Aliases, Catalogue
 from cortex.embedded_nats import EmbeddedNatsServer
 from cortex.settings import GatewaySettings
 from neuron.settings import ModelSpec
@@ -30,7 +30,7 @@ def stack(
     with LocalStack(
         nats_url=nats_server.url, root="e2e-aliases", engine=ScriptedEngine(Script()),
         models=[ModelSpec(source=str(model_file), served_name=MODEL)],
-        gateway=GatewaySettings(aliases=aliases),
+        gateway=GatewaySettings(catalogue=Catalogue(aliases=aliases)),
     ) as running:
         yield running
 

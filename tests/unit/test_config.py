@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from cortex.catalogue import Aliases
 from cortex.cli import _settings_from, check_config
 from cortex.config import (
-    Aliases,
     ConfigError,
     check_models,
     env_overrides,
@@ -122,7 +122,7 @@ def test_flags_override_the_file_and_aliases_come_from_models_toml(tmp_path: Pat
     from_file = _settings_from(path, host=None, port=None, nats_url=None, root=None)
     assert (from_file.host, from_file.port) == ("127.0.0.1", 8080)
     assert from_file.nats_url == "nats://gateway:secret@bus:4222"
-    assert from_file.aliases.resolve("claude-sonnet-4-6") == "Qwen/Qwen3.6-27B"
+    assert from_file.catalogue.resolve("claude-sonnet-4-6") == "Qwen/Qwen3.6-27B"
     assert from_file.allowed_nodes == ("beast",)
     flagged = _settings_from(path, host="0.0.0.0", port=9000, nats_url="nats://x:4222",
                              root=None)

@@ -17,7 +17,7 @@ from cortex.context import Gateway
 from cortex.dialects.anthropic import render
 from cortex.dialects.anthropic.shapes import TokenCount
 from cortex.dialects.anthropic.translate import parse, translate
-from cortex.dispatch import stamp, start_job
+from cortex.dispatch import stamp
 from cortex.errors import ApiError, bad_request
 from cortex.http import (
     SSE,
@@ -28,6 +28,7 @@ from cortex.http import (
     write_batches,
 )
 from cortex.relay import collect, relay
+from cortex.routing import start_job
 
 _encoder: Final = msgspec.json.Encoder()
 

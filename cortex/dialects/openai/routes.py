@@ -17,7 +17,7 @@ from litestar.response import Stream
 from cortex.context import Gateway
 from cortex.dialects.openai import render, translate
 from cortex.dialects.openai.shapes import StreamOptions
-from cortex.dispatch import JobDraft, stamp, start_job
+from cortex.dispatch import JobDraft, stamp
 from cortex.errors import ApiError
 from cortex.http import (
     SSE,
@@ -28,6 +28,7 @@ from cortex.http import (
     write_batches,
 )
 from cortex.relay import Completion, collect, relay
+from cortex.routing import start_job
 
 
 class _Body(Protocol):
