@@ -30,6 +30,8 @@ class ModelCard(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     type: Literal["model"] = "model"
     max_model_len: int | None = None
     load_progress: float | None = None
+    vram_estimate_mb: int | None = None
+    """The catalogue's ``vram_mb`` for this model, when it has one."""
 
 
 class ModelList(msgspec.Struct, frozen=True, kw_only=True):

@@ -11,13 +11,14 @@ from typing import Final
 from litestar import Litestar, Response
 from litestar.exceptions import HTTPException
 
-from cortex import routes
+from cortex import admin, routes
 from cortex.bus import GatewayBus
 from cortex.context import Gateway
 from cortex.dialects.anthropic import routes as anthropic
 from cortex.dialects.openai import routes as openai
 from cortex.errors import ApiError, Reason
 from cortex.http import AnyRequest
+from cortex.manager import FleetManager
 from cortex.settings import GatewaySettings
 from cortex.tokens import TokenCounter
 
@@ -80,9 +81,11 @@ def create_app(settings: GatewaySettings, *, bus: GatewayBus) -> Litestar:
         finally:
             await bus.close()
 
-    gw = Gateway(bus=bus, settings=settings, tokens=TokenCounter(bus))
+    gw = Gateway(bus=bus, settings=settings, tokens=TokenCounter(bus),
+                 fleet=FleetManager(bus, settings))
     return Litestar(
-        route_handlers=[*routes.handlers(bus), openai.router(gw), anthropic.router(gw)],
+        route_handlers=[*routes.handlers(gw), *admin.handlers(gw), openai.router(gw),
+                        anthropic.router(gw)],
         lifespan=[lifespan],
         exception_handlers={
             ApiError: _on_api_error,

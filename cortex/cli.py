@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import urllib.error
-import urllib.request
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +27,17 @@ from cortex.config import (
 )
 from cortex.embedded_nats import EmbeddedNatsError, EmbeddedNatsServer
 from cortex.fleet import FleetView
+from cortex.operator import (
+    DEFAULT_ENDPOINT,
+    GatewayUnreachable,
+    OperatorClient,
+    OperatorError,
+    format_fleet,
+    format_load,
+    format_models,
+    format_pin,
+    format_unload,
+)
 from cortex.settings import GatewaySettings
 from cortex.stack import StackError, StackOptions, run_stack
 
@@ -216,11 +226,6 @@ def up(
         return 1
 
 
-def _fetch_json(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - operator's URL
-        return json.loads(response.read())
-
-
 def format_status(health: object, models: object) -> str:
     """The ``cortex status`` report (REFERENCE §10)."""
     lines = ["Fleet health: " + json.dumps(health, indent=2, sort_keys=True, ensure_ascii=False),
@@ -234,25 +239,132 @@ def format_status(health: object, models: object) -> str:
     return "\n".join(lines)
 
 
+_Endpoint = Annotated[str, cyclopts.Parameter(name=["--endpoint", "-e"])]
+_Node = Annotated[str | None, cyclopts.Parameter(name=["--node", "-n"])]
+
+
 @app.command
-def status(*, endpoint: Annotated[str, cyclopts.Parameter(name=["--endpoint", "-e"])] =
-           "http://localhost:31313") -> int:
-    """Show fleet health and where each model is.
+def status(*, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
+    """Show fleet health, where each model is and, when the gateway has /admin/fleet, each node's
+    devices (used / budget / total MiB) and models.
 
     Parameters
     ----------
     endpoint
         The gateway's base URL.
     """
-    base = endpoint.rstrip("/")
+    client = OperatorClient(endpoint)
     try:
-        health = _fetch_json(f"{base}/health")
-        models = _fetch_json(f"{base}/v1/models")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"Error: {exc}", file=sys.stderr)
+        health = client.health()
+        models = client.models()
+    except (OperatorError, GatewayUnreachable) as exc:
+        print(f"Error: {exc.message}", file=sys.stderr)
         return 1
     print(format_status(health, models))
+    try:
+        fleet = client.fleet()
+    except OperatorError as exc:
+        if exc.status == 404:  # a gateway without the operator routes: the §10 report alone
+            return 0
+        print(f"Error: {exc.message}", file=sys.stderr)
+        return 1
+    except GatewayUnreachable as exc:
+        print(f"Error: {exc.message}", file=sys.stderr)
+        return 1
+    print()
+    print(format_fleet(fleet))
     return 0
+
+
+def _operate(endpoint: str, call: Callable[[OperatorClient], object],
+             render: Callable[[object], str]) -> int:
+    """Run one operator call; print its one-line result, or ``Error: <message>`` and exit 1."""
+    try:
+        result = call(OperatorClient(endpoint))
+    except (OperatorError, GatewayUnreachable) as exc:
+        print(f"Error: {exc.message}", file=sys.stderr)
+        return 1
+    print(render(result))
+    return 0
+
+
+@app.command
+def models(*, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
+    """List the models: state (loaded, loading NN%, unloaded), where they are, where they fit.
+
+    Parameters
+    ----------
+    endpoint
+        The gateway's base URL.
+    """
+    return _operate(endpoint, OperatorClient.models, format_models)
+
+
+@app.command
+def load(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
+    """Load a model and wait for it (a cold load can take up to 30 minutes).
+
+    Parameters
+    ----------
+    model
+        Model id (or alias).
+    node
+        Node to load it on (default: the gateway's placement).
+    endpoint
+        The gateway's base URL.
+    """
+    print(f"Loading {model}{f' on {node}' if node else ''}...", file=sys.stderr)
+    return _operate(endpoint, lambda c: c.load(model, node), lambda r: format_load(r, model))
+
+
+@app.command
+def unload(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
+    """Unload a model.
+
+    Parameters
+    ----------
+    model
+        Model id (or alias).
+    node
+        Node to unload it from (default: every node holding it).
+    endpoint
+        The gateway's base URL.
+    """
+    return _operate(endpoint, lambda c: c.unload(model, node), lambda r: format_unload(r, model))
+
+
+@app.command
+def pin(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
+    """Pin a model so that eviction never unloads it.
+
+    Parameters
+    ----------
+    model
+        Model id (or alias).
+    node
+        Node to pin it on (default: every node holding it).
+    endpoint
+        The gateway's base URL.
+    """
+    return _operate(endpoint, lambda c: c.pin(model, node, pinned=True),
+                    lambda r: format_pin(r, model, pinned=True))
+
+
+@app.command
+def unpin(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
+    """Unpin a model: eviction may unload it again.
+
+    Parameters
+    ----------
+    model
+        Model id (or alias).
+    node
+        Node to unpin it on (default: every node holding it).
+    endpoint
+        The gateway's base URL.
+    """
+    return _operate(endpoint, lambda c: c.pin(model, node, pinned=False),
+                    lambda r: format_pin(r, model, pinned=False))
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cortex.bus import GatewayBus
+from cortex.manager import FleetManager
 from cortex.settings import GatewaySettings
 from cortex.tokens import TokenCounter
 
@@ -17,3 +18,4 @@ class Gateway:
     bus: GatewayBus
     settings: GatewaySettings
     tokens: TokenCounter
+    fleet: FleetManager

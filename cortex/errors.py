@@ -145,10 +145,16 @@ class ApiError(Exception):
         param: str | None = None,
         prompt_tokens: int | None = None,
         max_prompt_tokens: int | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
+        """``code`` replaces the table's OpenAI ``code`` (a preflight failure's kind);
+        ``retry_after`` the table's ``retry-after`` (when the wait is known)."""
         super().__init__(message)
         self.reason = reason
         self.spec = REASONS[reason]
+        self.code = code or self.spec.openai_code
+        self.retry_after = retry_after if retry_after is not None else self.spec.retry_after
         self.message = message
         self.param = param
         self.prompt_tokens = prompt_tokens
@@ -161,8 +167,8 @@ class ApiError(Exception):
     def headers(self) -> dict[str, str]:
         """``retry-after`` where the table gives one; ``x-should-retry: false`` on permanent 5xx."""
         headers: dict[str, str] = {}
-        if self.spec.retry_after is not None:
-            headers["retry-after"] = str(self.spec.retry_after)
+        if self.retry_after is not None:
+            headers["retry-after"] = str(self.retry_after)
         if self.spec.permanent:
             headers["x-should-retry"] = "false"
         return headers

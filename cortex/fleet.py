@@ -64,6 +64,15 @@ class FleetView:
         self._nodes: dict[str, NodeView] = {}
         self._allowed = frozenset(allowed) if allowed is not None else None
         self._refused: set[str] = set()
+        self._listeners: list[Callable[[], None]] = []
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every change (cold-load waiters wake on it)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def _accepts(self, node: str) -> bool:
         if self._allowed is None or node in self._allowed:
@@ -88,6 +97,26 @@ class FleetView:
                 )
             case Activation():
                 self._apply_activation(event)
+        self._changed()
+
+    def mark_loaded(self, node: str, model: str, *, memory_mb: int | None, pinned: bool) -> None:
+        """A load this gateway asked for succeeded: routable at once (REFERENCE §5.2), before the
+        node's next heartbeat confirms it."""
+        view = self._nodes.get(node)
+        if view is None:
+            return
+        current = view.models.get(model) or ResidentModel(id=model, status="loaded")
+        view.models[model] = msgspec.structs.replace(
+            current, status="loaded", load_progress=None, memory_mb=memory_mb,
+            pinned=pinned or current.pinned, loaded_at=current.loaded_at or time.time(),
+        )
+        self._changed()
+
+    def forget_model(self, node: str, model: str) -> None:
+        """An eviction this gateway asked for succeeded."""
+        view = self._nodes.get(node)
+        if view is not None and view.models.pop(model, None) is not None:
+            self._changed()
 
     def _apply_activation(self, event: Activation) -> None:
         node = self._nodes.get(event.node)
@@ -117,6 +146,23 @@ class FleetView:
 
     def node(self, name: str) -> NodeView | None:
         return self._nodes.get(name)
+
+    def healthy_nodes(self) -> list[NodeView]:
+        """Nodes heard from recently and not draining, by name."""
+        now = self._clock()
+        return [n for n in self.nodes() if not n.is_stale(now) and not n.draining]
+
+    def loading_on(self, model: str) -> list[str]:
+        """Healthy nodes loading ``model`` (a load started by any gateway, or a pre-warm)."""
+        found = []
+        for n in self.healthy_nodes():
+            m = n.models.get(model)
+            if (m is not None and m.status in ("loading", "recovering")) or any(
+                _bare(spec) == model
+                for spec in (*n.heartbeat.activation.pending, *n.heartbeat.activation.in_progress)
+            ):
+                found.append(n.name)
+        return found
 
     def is_healthy(self, name: str) -> bool:
         node = self._nodes.get(name)
@@ -164,3 +210,9 @@ class FleetView:
             if found is not None and (best is None or found.status == "loaded"):
                 best = found
         return best
+
+
+def _bare(spec: str) -> str:
+    """``scheme:org/name`` → ``org/name`` (activation lists carry the load spec as given)."""
+    scheme, sep, rest = spec.partition(":")
+    return rest if sep and "/" not in scheme else spec

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Final
 
@@ -12,9 +13,12 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 
 from cortex.api import Health, ModelCard, ModelList, ModelLocation, NodeCounts
-from cortex.bus import GatewayBus
+from cortex.context import Gateway
 from cortex.errors import model_not_found
+from cortex.fleet import Location
 from cortex.http import json_response
+
+log = logging.getLogger(__name__)
 
 #: A stable ``created`` for every model card (REFERENCE §4: stable, not "now").
 _CREATED: Final = 1735689600  # 2025-01-01T00:00:00Z
@@ -25,33 +29,68 @@ _encoder: Final = msgspec.json.Encoder()
 # ------------------------------------------------------------------ fleet routes
 
 
-def _card(bus: GatewayBus, model: str, *, shown_as: str | None = None) -> ModelCard:
-    """The card of ``model``; ``shown_as`` names an alias that mirrors it."""
-    locations = bus.fleet.locations(model)
-    report = bus.fleet.model(model)
-    return ModelCard(
-        id=shown_as or model,
-        created=_CREATED,
-        created_at=_CREATED_AT,
-        owned_by="cortex",
-        display_name=shown_as or model,
-        loaded=any(loc.status == "loaded" and loc.healthy for loc in locations),
-        feasible_on=[],
-        locations=[
-            ModelLocation(
-                node=loc.node,
-                status=loc.status if loc.healthy else "unloaded",
-                vram_estimate_mb=None,
-            )
-            for loc in locations
-        ],
-        max_model_len=report.context_length if report else None,
-        load_progress=report.load_progress if report else None,
-    )
+def _location(loc: Location) -> ModelLocation:
+    return ModelLocation(node=loc.node, status=loc.status if loc.healthy else "unloaded",
+                         vram_estimate_mb=None)
 
 
-def handlers(bus: GatewayBus) -> list[HTTPRouteHandler]:
-    """The fleet routes, working with ``bus``."""
+def model_cards(gw: Gateway) -> dict[str, ModelCard]:
+    """REFERENCE §4's merge of one fleet snapshot, by id: (1) every catalogue profile, unloaded,
+    with the healthy nodes it is feasible on; (2) every model a node reports, where it is (a stale
+    node's copy shows as ``unloaded``); (3) cold loads this gateway started, as ``loading``;
+    (4) exact aliases, each a copy of its target's card (never replacing a real id)."""
+    fleet, catalogue = gw.bus.fleet, gw.settings.catalogue
+    cards: dict[str, ModelCard] = {}
+    for model, entry in catalogue.profiles.items():
+        cards[model] = ModelCard(
+            id=model, created=_CREATED, created_at=_CREATED_AT, owned_by="cortex",
+            display_name=model, loaded=False, feasible_on=gw.fleet.feasible_on(entry),
+            locations=[], vram_estimate_mb=entry.vram_mb,
+        )
+    for model in fleet.model_ids():
+        locations = fleet.locations(model)
+        report = fleet.model(model)
+        base = cards.get(model) or ModelCard(
+            id=model, created=_CREATED, created_at=_CREATED_AT, owned_by="cortex",
+            display_name=model, loaded=False, feasible_on=[], locations=[],
+        )
+        cards[model] = msgspec.structs.replace(
+            base,
+            loaded=any(loc.status == "loaded" and loc.healthy for loc in locations),
+            locations=[_location(loc) for loc in locations],
+            max_model_len=report.context_length if report else None,
+            load_progress=report.load_progress if report else None,
+        )
+    for model, node in gw.fleet.loading().items():
+        card = cards.get(model)
+        if card is None or node is None or any(loc.node == node for loc in card.locations):
+            continue
+        cards[model] = msgspec.structs.replace(card, locations=[
+            *card.locations, ModelLocation(node=node, status="loading", vram_estimate_mb=None)])
+    for alias, target in catalogue.aliases.exact.items():
+        if alias in cards:
+            continue
+        card = cards.get(target)
+        if card is None:
+            _warn_dead_alias(alias, target)
+            continue
+        cards[alias] = msgspec.structs.replace(card, id=alias, display_name=alias)
+    return cards
+
+
+_dead_aliases: set[tuple[str, str]] = set()
+
+
+def _warn_dead_alias(alias: str, target: str) -> None:
+    if (alias, target) not in _dead_aliases and len(_dead_aliases) < 1024:
+        _dead_aliases.add((alias, target))
+        log.warning("alias '%s' points at '%s', which is neither catalogued nor served", alias,
+                    target)
+
+
+def handlers(gw: Gateway) -> list[HTTPRouteHandler]:
+    """The fleet routes, working with ``gw``."""
+    bus = gw.bus
 
     @get(["/health", "/"], sync_to_thread=False)
     def health() -> Response[bytes]:
@@ -62,12 +101,7 @@ def handlers(bus: GatewayBus) -> list[HTTPRouteHandler]:
 
     @get("/v1/models", sync_to_thread=False)
     def list_models() -> Response[bytes]:
-        known = bus.fleet.model_ids()
-        cards = [_card(bus, model) for model in known]
-        served = set(known)
-        cards += [_card(bus, target, shown_as=alias)
-                  for alias, target in sorted(bus.settings.catalogue.aliases.exact.items())
-                  if target in served and alias not in served]
+        cards = [card for _, card in sorted(model_cards(gw).items())]
         return json_response(_encoder.encode(ModelList(
             data=cards,
             has_more=False,
@@ -78,10 +112,11 @@ def handlers(bus: GatewayBus) -> list[HTTPRouteHandler]:
     @get("/v1/models/{model_id:path}", sync_to_thread=False)
     def get_model(model_id: FromPath[str]) -> Response[bytes]:
         asked = model_id.lstrip("/")
-        model = bus.settings.catalogue.resolve(asked)
-        if model not in bus.fleet.model_ids():
+        cards = model_cards(gw)
+        card = cards.get(asked) or cards.get(gw.settings.catalogue.resolve(asked))
+        if card is None:
             raise model_not_found(asked)
         return json_response(_encoder.encode(
-            _card(bus, model, shown_as=asked if asked != model else None)))
+            msgspec.structs.replace(card, id=asked, display_name=asked)))
 
     return [health, list_models, get_model]

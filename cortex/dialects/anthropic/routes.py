@@ -6,6 +6,7 @@ Query strings (``?beta=true``) and ``anthropic-beta`` are ignored; ``x-api-key``
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Final
 
 import msgspec
@@ -13,6 +14,8 @@ from litestar import Response, Router, post
 from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
+from bus_schema.messages import JobAccepted
+from cortex.bus import JobStream
 from cortex.context import Gateway
 from cortex.dialects.anthropic import render
 from cortex.dialects.anthropic.shapes import TokenCount
@@ -27,8 +30,8 @@ from cortex.http import (
     json_response,
     write_batches,
 )
+from cortex.manager import release_all, stream_when_ready
 from cortex.relay import collect, relay
-from cortex.routing import start_job
 
 _encoder: Final = msgspec.json.Encoder()
 
@@ -56,16 +59,34 @@ def router(gw: Gateway) -> Router:
         translated = translate(body, model=model,
                                version=request.headers.get("anthropic-version"))
         job = stamp(translated.draft, gw.settings)
-        stream, accepted = await start_job(gw.bus, job)
+        wait = await gw.fleet.admit(job.model)
         msg_id = render.message_id()
         headers = {"request-id": render.request_id(), "x-request-id": job.job_id}
-        if body.stream:
+
+        def events_for(stream: JobStream, accepted: JobAccepted) -> AsyncIterator[bytes]:
             events = render.MessageEvents(msg_id=msg_id, model=model,
                                           input_tokens=accepted.prompt_tokens,
                                           thinking=translated.thinking)
-            return Stream(write_batches(relay(stream, accepted), events.render,
-                                        opening=events.start()),
+            return write_batches(relay(stream, accepted), events.render, opening=events.start())
+
+        if body.stream and wait is not None:
+            started: list[JobStream] = []
+            return Stream(stream_when_ready(gw.fleet, wait, job,
+                                            keepalive=render.MessageEvents.ping(),
+                                            keepalive_s=gw.settings.keepalive_interval_s,
+                                            failed=render.MessageEvents.error, begin=events_for,
+                                            started=started),
                           media_type=SSE, headers={**SSE_HEADERS, **headers},
+                          background=BackgroundTask(release_all, started))
+        if wait is not None:
+            try:
+                await wait.until_ready(disconnect_waiter(request))
+            finally:
+                wait.close()
+        stream, accepted = await gw.fleet.start(job)
+        if body.stream:
+            return Stream(events_for(stream, accepted), media_type=SSE,
+                          headers={**SSE_HEADERS, **headers},
                           background=BackgroundTask(stream.release))
         done = await collect(stream, accepted, disconnect_waiter(request))
         return json_response(render.message(done, msg_id=msg_id, model=model,

@@ -55,7 +55,7 @@ def error_body(error: ApiError) -> bytes:
         )
     spec = error.spec
     return _encoder.encode(
-        ErrorBody(ErrorDetail(message, spec.openai_type, error.param, spec.openai_code))
+        ErrorBody(ErrorDetail(message, spec.openai_type, error.param, error.code))
     )
 
 
@@ -123,7 +123,7 @@ class _Chunks(abc.ABC):
                 usage = self._usage_chunk(_usage(outcome)) if self._include_usage else b""
                 return self._finish_chunk(outcome.reason) + usage + DONE
             case Failed(error=error):
-                return error_event(error) + DONE
+                return stream_error(error)
             case _:
                 assert_never(outcome)
 
@@ -208,3 +208,8 @@ class TextChunks(_Chunks):
 def error_event(error: ApiError) -> bytes:
     """A mid-stream error event (sent after the 200; followed by ``[DONE]``)."""
     return b"data: " + error_body(error) + b"\n\n"
+
+
+def stream_error(error: ApiError) -> bytes:
+    """How a stream that failed before its first chunk ends: the error event, then ``[DONE]``."""
+    return error_event(error) + DONE
