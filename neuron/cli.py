@@ -1,20 +1,31 @@
-"""``neuron``: the worker daemon's command line (flags, ``NEURON_*`` env), logging and signals."""
+"""``neuron``: the worker daemon's command line (``neuron.toml``, ``NEURON_*`` env, flags; in that
+order of strength, weakest first), logging and signals; ``neuron pull`` fetches a model."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated, Any, TextIO
 
 import cyclopts
 
 from bus_schema.messages import Activation
+from neuron.config import (
+    ConfigError,
+    find_config,
+    load_neuron_config,
+    parse_bool,
+    settings_from_config,
+)
 from neuron.devices import resolve_device
 from neuron.errors import NeuronError
-from neuron.settings import ModelSpec, NeuronSettings, default_node_name
+from neuron.settings import ModelSpec, NeuronSettings
+from neuron.sources import pull_model
 from neuron.worker import Worker
 
 app = cyclopts.App(
@@ -59,64 +70,119 @@ class ProgressBar:
             self._stream.flush()
 
 
+def _env_bool(type_: Any, tokens: Sequence[Any]) -> bool:
+    """Boolean flags read from ``NEURON_*`` take what the config file does: true/1/yes/on and
+    false/0/no/off (bare ``--flag`` / ``--no-flag`` never reach here)."""
+    text = str(tokens[0].value)
+    value = parse_bool(text)
+    if value is None:
+        raise ValueError(f"'{text}' is not a boolean (true/1/yes/on or false/0/no/off)")
+    return value
+
+
+#: ``Annotated`` metadata for ``-c/--config``.
+ConfigFlag = cyclopts.Parameter(name=["--config", "-c"])
+
+
 def build_settings(
     models: list[str],
     *,
-    served_name: str | None,
-    quant: str | None,
-    name: str | None,
-    nats_url: str,
-    root: str,
-    device: str,
-    dtype: str,
-    max_jobs: int,
-    heartbeat_interval: float,
-    hf_cache: Path | None,
+    served_name: str | None = None,
+    quant: str | None = None,
+    name: str | None = None,
+    nats_url: str | None = None,
+    root: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_jobs: int | None = None,
+    heartbeat_interval: float | None = None,
+    hf_cache: Path | None = None,
+    prefill_chunk_tokens: int | None = None,
+    max_prompt_tokens: int | None = None,
+    min_free_vram_mb: int | None = None,
+    use_chat_template: bool | None = None,
+    memory_budget_mb: int | None = None,
+    nats_credentials: Path | None = None,
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> NeuronSettings:
-    """Settings from parsed flags (kept apart from the command so it is testable).
+    """Settings from ``config_path`` (None: no file), ``NEURON_*`` variables of ``environ``
+    (default `os.environ`) and the parsed flags (None: not given), strongest last. ``models``
+    (``--model``), when any, replace the file's ``[[default_models]]``.
 
     Raises:
-        ValueError: invalid combination or value.
+        ConfigError: the file, an override or a flag is invalid (file, key and reason).
+        ValueError: an invalid combination of flags.
     """
     if served_name is not None and len(models) != 1:
         raise ValueError("--served-name applies to exactly one --model")
-    specs = tuple(ModelSpec(source=m, served_name=served_name, quant=quant) for m in models)
-    return NeuronSettings(
-        name=name or default_node_name(),
-        nats_url=nats_url,
-        root=root,
-        models=specs,
-        device=device,
-        dtype=dtype,
-        max_jobs=max_jobs,
-        heartbeat_interval_s=heartbeat_interval,
-        hf_cache=hf_cache,
+    given: dict[str, object | None] = {
+        "name": name,
+        "nats.url": nats_url,
+        "nats.root": root,
+        "nats.credentials": _absolute(nats_credentials),
+        "device": device,
+        "dtype": dtype,
+        "max_jobs": max_jobs,
+        "heartbeat_interval_s": heartbeat_interval,
+        "harness.torch.hf_cache": _absolute(hf_cache),
+        "prefill_chunk_tokens": prefill_chunk_tokens,
+        "max_prompt_tokens": max_prompt_tokens,
+        "min_free_vram_mb": min_free_vram_mb,
+        "use_chat_template": use_chat_template,
+        "memory_budget_mb": memory_budget_mb,
+    }
+    flags = {key: value for key, value in given.items() if value is not None}
+    config = load_neuron_config(config_path, environ=environ, flags=flags)
+    settings = settings_from_config(
+        config, base_dir=config_path.parent if config_path is not None else None, environ=environ
     )
+    if models:
+        specs = tuple(ModelSpec(source=m, served_name=served_name, quant=quant) for m in models)
+        settings = dataclasses.replace(settings, models=specs)
+    return settings
+
+
+def _absolute(path: Path | None) -> str | None:
+    """Path flags are relative to the working directory, not to the config file."""
+    return str(path.expanduser().absolute()) if path is not None else None
 
 
 @app.default
 def serve(
     *,
+    config: Annotated[Path | None, ConfigFlag] = None,
     model: Annotated[list[str] | None, cyclopts.Parameter(name=["--model", "-m"])] = None,
     served_name: str | None = None,
     quant: str | None = None,
     name: str | None = None,
-    nats_url: str = "nats://127.0.0.1:4222",
-    root: str = "cortex",
-    device: str = "auto",
-    dtype: str = "auto",
-    max_jobs: int = 16,
-    heartbeat_interval: float = 1.0,
+    nats_url: str | None = None,
+    nats_credentials: Path | None = None,
+    root: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_jobs: int | None = None,
+    heartbeat_interval: float | None = None,
     hf_cache: Path | None = None,
+    prefill_chunk_tokens: int | None = None,
+    max_prompt_tokens: int | None = None,
+    min_free_vram_mb: int | None = None,
+    use_chat_template: Annotated[bool | None, cyclopts.Parameter(converter=_env_bool)] = None,
+    memory_budget_mb: int | None = None,
     log_level: str = "info",
 ) -> int:
     """Join the bus and serve models.
 
+    Settings come from neuron.toml, then NEURON_<KEY> / NEURON_<TABLE>__<KEY> variables, then
+    these flags. Unset flags leave the file's value (or its default).
+
     Parameters
     ----------
+    config
+        neuron.toml to read (default: ./neuron.toml when present; else defaults only).
     model
         Model to load at start-up: a .gguf file, a model folder, or a hub id [scheme:]org/name.
-        Repeat for several.
+        Repeat for several; replaces the file's [[default_models]].
     served_name
         Id to serve the (single) model under; default: the hub id, or local/<name> for paths.
     quant
@@ -124,32 +190,54 @@ def serve(
     name
         Node name on the bus (default: the short host name).
     nats_url
-        NATS server URL.
+        NATS server URL (default nats://127.0.0.1:4222).
+    nats_credentials
+        NATS .creds file.
     root
-        Subject root shared by the gateway and neurons of one fleet.
+        Subject root shared by the gateway and neurons of one fleet (default cortex).
     device
         auto, cpu or cuda:N.
     dtype
         auto, bfloat16, float16 or float32.
     max_jobs
-        Admission limit: jobs running or waiting on this neuron.
+        Admission limit: jobs running or waiting on this neuron (default 16).
     heartbeat_interval
-        Seconds between heartbeats.
+        Seconds between heartbeats (default 1).
     hf_cache
-        Hugging Face hub cache directory (default: $HF_HUB_CACHE or the hub default).
+        Hugging Face hub cache directory (default: $HF_HUB_CACHE, $HF_HOME/hub or the hub default).
+    prefill_chunk_tokens
+        Prompt tokens per forward pass while prefilling (default 512).
+    max_prompt_tokens
+        Longer prompts fail with prompt_too_long (default 16384).
+    min_free_vram_mb
+        Refuse loads when a device has less free memory (default 1500).
+    use_chat_template
+        Use the model's chat template; --no-use-chat-template forces ChatML.
+    memory_budget_mb
+        Per device: memory the neuron may fill with models (default: half of the device).
     log_level
         debug, info, warning or error.
     """
     configure_logging(log_level)
+    config_path = find_config(config)
     try:
         settings = build_settings(
             model or [], served_name=served_name, quant=quant, name=name, nats_url=nats_url,
             root=root, device=device, dtype=dtype, max_jobs=max_jobs,
             heartbeat_interval=heartbeat_interval, hf_cache=hf_cache,
+            prefill_chunk_tokens=prefill_chunk_tokens, max_prompt_tokens=max_prompt_tokens,
+            min_free_vram_mb=min_free_vram_mb, use_chat_template=use_chat_template,
+            memory_budget_mb=memory_budget_mb, nats_credentials=nats_credentials,
+            config_path=config_path,
         )
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     except ValueError as exc:
         log.error("invalid settings: %s", exc)
         return 2
+    log.info("config: %s; sources: %s", config_path or "none (defaults)",
+             ", ".join(f"{s.scheme}={s.endpoint}" for s in settings.sources.values()))
     try:
         return asyncio.run(_serve(settings))
     except NeuronError as exc:
@@ -161,7 +249,8 @@ async def _serve(settings: NeuronSettings) -> int:
     from neuron.engines.torch_engine import TorchEngine  # lazy: torch loads here
 
     engine = TorchEngine(device=resolve_device(settings.device), dtype=settings.dtype,
-                         prefill_chunk_tokens=settings.prefill_chunk_tokens)
+                         prefill_chunk_tokens=settings.prefill_chunk_tokens,
+                         use_chat_template=settings.use_chat_template)
     worker = Worker(settings, engine, on_activation=ProgressBar())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -180,6 +269,48 @@ async def _serve(settings: NeuronSettings) -> int:
         await stopping
     finally:
         await worker.shutdown()
+    return 0
+
+
+@app.command
+def pull(
+    model: str,
+    /,
+    *,
+    quant: str | None = None,
+    config: Annotated[Path | None, ConfigFlag] = None,
+) -> int:
+    """Download a model into its source's cache and print the local folder.
+
+    Uses the sources of neuron.toml ([harness.torch.sources.*]); with HF_HUB_OFFLINE=1 only the
+    cache is used.
+
+    Parameters
+    ----------
+    model
+        Hub id [scheme:]org/name (bare ids take harness.torch.default_source).
+    quant
+        GGUF quant to fetch (e.g. Q4_K_M); default: every weight file.
+    config
+        neuron.toml to read (default: ./neuron.toml when present).
+    """
+    configure_logging("warning")
+    config_path = find_config(config)
+    try:
+        loaded = load_neuron_config(config_path)
+        settings = settings_from_config(
+            loaded, base_dir=config_path.parent if config_path is not None else None
+        )
+    except ValueError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        folder = pull_model(model, quant=quant, sources=settings.sources,
+                            default_source=settings.default_source)
+    except NeuronError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    print(folder)
     return 0
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +28,9 @@ from neuron.errors import (
     ModelNotLoadedError,
 )
 from neuron.memory import MemoryBook, estimate_mb
-from neuron.settings import ModelSpec
-from neuron.sources import ResolvedModel, default_served_name, resolve_model
+from neuron.preflight import preflight_hub, preflight_local
+from neuron.settings import ModelSpec, Source
+from neuron.sources import ResolvedModel, default_served_name, resolve_model, select_source
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class Residency:
         sink: ActivationSink,
         *,
         hf_cache: Path | None = None,
+        sources: Mapping[str, Source] | None = None,
+        default_source: str = "huggingface",
         memory: MemoryBook | None = None,
         device: str = "cpu",
         devices: Callable[[], tuple[Device, ...]] = discover_devices,
@@ -115,6 +118,8 @@ class Residency:
         self._sink = sink
         self._slots: dict[str, ModelSlot] = {}
         self._hf_cache = hf_cache
+        self._sources = sources
+        self._default_source = default_source
         self._memory = memory or MemoryBook(budget_mb=None)
         self._device = device
         self._devices = devices
@@ -194,8 +199,26 @@ class Residency:
         return slot
 
     def _resolve(self, spec: ModelSpec, model_id: str) -> ResolvedModel:
+        """Preflight (one listing, no download: REFERENCE §6.6), then fetch or find the files.
+
+        Raises:
+            PreflightError: the repo or folder cannot serve this load spec.
+            ModelSourceError: resolving failed.
+        """
+        path = Path(spec.source).expanduser()
+        if path.exists():
+            preflight_local(spec.source, path, quant=spec.quant,
+                            tensor_parallel=spec.tensor_parallel)
+        elif not spec.source.startswith(("/", "./", "../", "~")):
+            source_id, source = select_source(spec.source, sources=self._sources,
+                                              default_source=self._default_source,
+                                              cache_dir=self._hf_cache)
+            preflight_hub(str(source_id), source_id.repo_path(), quant=spec.quant,
+                          tensor_parallel=spec.tensor_parallel, endpoint=source.endpoint,
+                          token=source.token, cache_dir=source.cache_dir)
         return resolve_model(
-            spec.source, served_name=model_id, quant=spec.quant, cache_dir=self._hf_cache
+            spec.source, served_name=model_id, quant=spec.quant, cache_dir=self._hf_cache,
+            sources=self._sources, default_source=self._default_source,
         )
 
     async def unload(self, model_id: str, *, event: ActivationEventKind = "unloaded") -> None:

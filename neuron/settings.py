@@ -1,14 +1,44 @@
-"""Neuron settings: one frozen dataclass, built by `neuron.cli` from flags and ``NEURON_*`` env
-variables and passed explicitly to the worker."""
+"""Neuron settings: one frozen dataclass, built by `neuron.cli` from ``neuron.toml``
+(`neuron.config`), ``NEURON_*`` env variables and flags, and passed explicitly to the worker."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Final
 
 from bus_schema.connection import parse_nats_urls
 from bus_schema.subjects import DEFAULT_ROOT, check_node_name, check_root
+
+HF_SCHEME: Final = "huggingface"
+HF_ENDPOINT: Final = "https://huggingface.co"
+HF_AUTH_ENV: Final = "HF_TOKEN"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Source:
+    """Where hub ids of one scheme come from (``[harness.torch.sources.<scheme>]``,
+    REFERENCE §2.3): any server speaking the Hugging Face hub protocol."""
+
+    scheme: str
+    endpoint: str
+    """Base URL of the hub (``https://huggingface.co``)."""
+    token: str | None = field(default=None, repr=False)
+    """Resolved from ``auth_env`` when the config was loaded; never logged. None: no token."""
+    cache_dir: Path | None = None
+    """Hub cache directory; None means huggingface-hub's default."""
+    auth_env: str | None = None
+    """The env variable the token was read from (for messages only)."""
+
+
+def huggingface_source(cache_dir: Path | None = None) -> Source:
+    """The source synthesized when none is configured for ``huggingface`` (no token here:
+    huggingface-hub then uses ``$HF_TOKEN`` or its stored login itself)."""
+    return Source(scheme=HF_SCHEME, endpoint=HF_ENDPOINT, cache_dir=cache_dir,
+                  auth_env=HF_AUTH_ENV)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,6 +51,17 @@ class ModelSpec:
     """Canonical id to serve it under (default: the hub id, or ``local/<name>`` for paths)."""
     quant: str | None = None
     pinned: bool = False
+    tensor_parallel: int | None = None
+    """Devices to split the model over (``default_models.tensor_parallel``); None: the engine's
+    choice."""
+    devices: tuple[int, ...] = ()
+    """Device indexes to place it on; empty: the engine's choice."""
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel is not None and self.tensor_parallel < 1:
+            raise ValueError("tensor_parallel must be at least 1")
+        if any(d < 0 for d in self.devices):
+            raise ValueError("device indexes must not be negative")
 
 
 def default_node_name() -> str:
@@ -42,6 +83,7 @@ class NeuronSettings:
     dtype: str = "auto"
     """``auto`` (bf16), ``bfloat16``, ``float16`` or ``float32``."""
     hf_cache: Path | None = None
+    """Cache of the ``huggingface`` source (legacy knob; ``sources`` is authoritative)."""
     heartbeat_interval_s: float = 1.0
     max_jobs: int = 16
     """Admission limit: jobs running or waiting for the model's thread."""
@@ -54,9 +96,31 @@ class NeuronSettings:
     """Coalesce at most this many tokens into one TokenChunk."""
     drain_timeout_s: float = 30.0
     memory_budget_mb: int | None = None
-    """Per device: how much the neuron may fill with models; None: half of the device."""
+    """Per device: how much the neuron may fill with models; None: half of the device
+    (`neuron.config.default_memory_budget_mb`)."""
+    min_free_vram_mb: int = 1500
+    """Refuse a load (``insufficient_vram``) when a device has less free; skipped when the reading
+    is 0 (REFERENCE §2.3, §6.6)."""
+    use_chat_template: bool = True
+    """False forces ChatML instead of the model's own template."""
+    sources: Mapping[str, Source] = field(default_factory=dict, hash=False)
+    """Scheme -> source; a missing ``huggingface`` source is synthesized (cache ``hf_cache``)."""
+    default_source: str = HF_SCHEME
+    """Scheme for bare ``org/name`` ids."""
+    harnesses: tuple[str, ...] = ("torch",)
+    """Enabled engines."""
+    nats_credentials: Path | None = None
+    """A NATS ``.creds`` file, if the server wants one."""
 
     def __post_init__(self) -> None:
+        sources = dict(self.sources)
+        sources.setdefault(HF_SCHEME, huggingface_source(self.hf_cache))
+        object.__setattr__(self, "sources", MappingProxyType(sources))
+        if self.default_source not in sources:
+            raise ValueError(
+                f"default_source '{self.default_source}' has no source; "
+                f"configured: {sorted(sources)}"
+            )
         check_node_name(self.name)
         check_root(self.root)
         parse_nats_urls(self.nats_url)
@@ -66,3 +130,7 @@ class NeuronSettings:
             raise ValueError("max_jobs must be at least 1")
         if self.max_prompt_tokens < 1 or self.prefill_chunk_tokens < 1:
             raise ValueError("token limits must be positive")
+        if self.min_free_vram_mb < 0:
+            raise ValueError("min_free_vram_mb must not be negative")
+        if self.memory_budget_mb is not None and self.memory_budget_mb < 1:
+            raise ValueError("memory_budget_mb must be positive")

@@ -64,6 +64,7 @@ from neuron.errors import (
     NeuronError,
 )
 from neuron.memory import MemoryBook
+from neuron.preflight import PreflightError
 from neuron.residency import Residency, served_id
 from neuron.runner import JobRunner, prepare_prompt
 from neuron.settings import ModelSpec, NeuronSettings
@@ -90,7 +91,8 @@ class Worker:
         self._nc: NatsClient | None = None
         self._service: Service | None = None
         self._residency = Residency(
-            engine, self._activation, hf_cache=settings.hf_cache,
+            engine, self._activation, hf_cache=settings.hf_cache, sources=settings.sources,
+            default_source=settings.default_source,
             memory=MemoryBook(budget_mb=settings.memory_budget_mb),
             device=resolve_device(settings.device),
         )
@@ -133,8 +135,10 @@ class Worker:
         """Connect, subscribe, start heartbeats, then load the start-up models in the background."""
         s = self.settings
         endpoint = parse_nats_urls(s.nats_url)
+        credentials = {"user_credentials": str(s.nats_credentials)} if s.nats_credentials else {}
         self._nc = await nats.connect(
             **endpoint.connect_options(),
+            **credentials,
             name=f"neuron:{s.name}",
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
@@ -404,10 +408,15 @@ class Worker:
                 assert_never(request)
 
     async def _control_load(self, request: LoadRequest) -> ControlReply:
-        if request.harness != self._engine.name:
+        if request.harness not in self.settings.harnesses:
             return ControlReply(status=400, code=ErrorCode.LOAD_FAILED,
                                 message=f"unknown harness: {request.harness}")
-        spec = ModelSpec(source=request.model_id, quant=request.quant, pinned=request.pinned)
+        if request.harness != self._engine.name:
+            return ControlReply(status=400, code=ErrorCode.LOAD_FAILED,
+                                message=f"expected harness={self._engine.name}, "
+                                        f"got harness={request.harness}")
+        spec = ModelSpec(source=request.model_id, quant=request.quant, pinned=request.pinned,
+                         tensor_parallel=request.tensor_parallel)
         try:
             model_id = await self.load(spec, memory_mb=request.memory_mb)
         except AlreadyLoadedError as exc:
@@ -415,6 +424,9 @@ class Worker:
         except InsufficientMemoryError as exc:
             return ControlReply(status=503, code=ErrorCode.INSUFFICIENT_MEMORY, message=str(exc),
                                 memory_mb=exc.need_mb)
+        except PreflightError as exc:
+            return ControlReply(status=422, code=ErrorCode.PREFLIGHT_FAILED, message=str(exc),
+                                preflight=exc.failure)
         except NeuronError as exc:
             return ControlReply(status=400, code=ErrorCode.LOAD_FAILED, message=str(exc))
         return self._loaded_reply(model_id, "loaded")

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from neuron.errors import ModelSourceError
-from neuron.sources import ModelIdError, ModelSourceId, local_model_files, pick_gguf, resolve_model
+from neuron.settings import Source
+from neuron.sources import (
+    ModelIdError,
+    ModelSourceId,
+    local_model_files,
+    pick_gguf,
+    pull_model,
+    resolve_model,
+)
 
 
 @pytest.mark.parametrize(
@@ -128,3 +136,84 @@ def test_hub_id_missing_from_the_cache_offline_is_a_clear_error(
 def test_unknown_scheme_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelSourceError, match="no source configured for scheme 'helexa'"):
         resolve_model("helexa:org/name", cache_dir=tmp_path)
+
+
+def test_unknown_scheme_message_is_the_references(tmp_path: Path) -> None:
+    sources = {"huggingface": Source(scheme="huggingface", endpoint="https://huggingface.co"),
+               "helexa": Source(scheme="helexa", endpoint="https://h.example")}
+    with pytest.raises(ModelSourceError) as info:
+        resolve_model("other:org/name", sources=sources)
+    assert str(info.value) == (
+        "no source configured for scheme 'other'; configured: ['helexa', 'huggingface']. Add a "
+        "[harness.torch.sources.other] block to neuron.toml with endpoint = '...'")
+
+
+def test_bad_ids_use_the_neurons_wording() -> None:
+    with pytest.raises(ModelIdError) as info:
+        resolve_model("justname")
+    assert str(info.value) == ("parse model id 'justname' as scheme:org/name: model id 'justname' "
+                               "is missing the '/' between org and name")
+
+
+class _FakeDownload:
+    """Stands in for huggingface_hub.snapshot_download: records the call, returns a folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.calls: list[tuple[str, dict[str, object]]] = []
+
+    def __call__(self, repo_id: str, **kwargs: object) -> str:
+        self.calls.append((repo_id, kwargs))
+        return str(self.folder)
+
+
+@pytest.fixture
+def fake_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> _FakeDownload:
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    fake = _FakeDownload(_dense(tmp_path / "snapshot"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    return fake
+
+
+def test_a_configured_source_downloads_from_its_endpoint(fake_download: _FakeDownload) -> None:
+    sources = {
+        "huggingface": Source(scheme="huggingface", endpoint="https://huggingface.co"),
+        "helexa": Source(scheme="helexa", endpoint="https://h.example", token="tok",
+                         cache_dir=Path("/c/helexa")),
+        "open": Source(scheme="open", endpoint="https://o.example"),
+    }
+    resolved = resolve_model("Org/Name", sources=sources, default_source="helexa")
+    assert resolved.source == "helexa"
+    assert resolved.files.model_id == "Org/Name"
+    repo, kwargs = fake_download.calls[-1]
+    assert repo == "Org/Name"
+    assert (kwargs["endpoint"], kwargs["token"], kwargs["cache_dir"]) == (
+        "https://h.example", "tok", "/c/helexa")
+    assert kwargs["local_files_only"] is False
+
+    resolve_model("open:Org/Name", sources=sources)
+    # No token for another registry sends none, never huggingface-hub's stored login.
+    assert fake_download.calls[-1][1]["token"] is False
+    resolve_model("Org/Name", sources=sources)
+    hf_kwargs = fake_download.calls[-1][1]
+    assert hf_kwargs["token"] is None  # huggingface: the hub's own token lookup
+    assert hf_kwargs["endpoint"] == "https://huggingface.co"
+
+
+def test_legacy_cache_dir_and_offline_env(
+    fake_download: _FakeDownload, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolve_model("Org/Name", cache_dir=Path("/legacy"))
+    assert fake_download.calls[-1][1]["cache_dir"] == "/legacy"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = pull_model("Org/Name")
+    assert folder == fake_download.folder
+    assert fake_download.calls[-1][1]["local_files_only"] is True
+
+
+def test_pull_refuses_local_paths(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match="is a local path"):
+        pull_model(str(tmp_path))
