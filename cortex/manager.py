@@ -10,8 +10,8 @@ and keeps one load per model in flight.
   ``loading`` in the fleet view within a message's time, and is waited for instead of repeated;
   two gateways with the same view also place a load on the same node, and a neuron runs a second
   load of a model it is already loading as the same load.
-- Every failure reaches every waiter as the same `ApiError`, and is remembered briefly so that a
-  burst of requests does not retry a broken load once each.
+- Every failure reaches every waiter of that load as the same `ApiError`; a broken load (not a
+  lack of room) is remembered briefly so that a burst of requests does not retry it once each.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ FAILURE_MEMORY_S: Final = 5.0
 #: Loads refused for memory are retried (after evicting) this many times (REFERENCE §5.2).
 MAX_EVICTION_ROUNDS: Final = 3
 _CONTROL_TIMEOUT_S: Final = 30.0
+#: Failures that say the load itself is broken (remembered briefly); capacity failures are not:
+#: room may appear any moment.
+_BROKEN_LOADS: Final = frozenset({Reason.LOAD_FAILED, Reason.PREFLIGHT_FAILED, Reason.INTERNAL,
+                                  Reason.UNSUPPORTED_ARCHITECTURE})
 DEFRAG_WARNING: Final = "VRAM fragmentation threshold reached — consider restarting harness"
 
 
@@ -115,6 +119,7 @@ class FleetManager:
             ApiError: unknown node or model, or the load failed.
         """
         model = self._catalogue.resolve(model)
+        self._failures.pop(model, None)  # an operator asking again means: try again
         if node is None:
             wait = await self.admit(model)
             if wait is not None:
@@ -132,7 +137,7 @@ class FleetManager:
         reply = await self._control(node, "load", spec, self._settings.load_timeout_s,
                                     model=model)
         if reply.status != 200 and "already loaded" not in reply.message:
-            raise self._load_error(model, node, reply)
+            raise self._refusal(model, node, reply)
         self._bus.fleet.mark_loaded(node, reply.model or model, memory_mb=reply.memory_mb,
                                     pinned=spec.pinned)
         return node
@@ -261,36 +266,32 @@ class FleetManager:
         except TimeoutError:
             pass
 
-    def _ensure_loading(self, model: str) -> None:
-        """Start the cold load of ``model`` unless it is loading somewhere already.
+    def _ensure_loading(self, model: str) -> asyncio.Task[str] | None:
+        """This gateway's cold load of ``model``, started unless it is loading somewhere already
+        (then None: the fleet view will show it loaded).
 
         Raises:
             ApiError: it cannot be loaded (see `admit`).
         """
         self._check_servable(model)
-        if model in self._loads or self._bus.fleet.loading_on(model):
-            return
+        running = self._loads.get(model)
+        if running is not None:
+            return running[1]
+        if self._bus.fleet.loading_on(model):
+            return None
         entry = self._catalogue.profile(model)
         if entry is None:  # only held on unhealthy nodes; `_check_servable` said why
             raise ApiError(Reason.NO_WORKER, f"no healthy node currently serves model '{model}'")
         task = asyncio.ensure_future(self._cold_load(entry))
         self._loads[model] = (None, task)
         task.add_done_callback(lambda t: self._load_done(model, t))
+        return task
 
     def _load_done(self, model: str, task: asyncio.Task[str]) -> None:
         self._loads.pop(model, None)
-        if task.cancelled():
-            error = ApiError(Reason.SHUTTING_DOWN, f"the load of '{model}' was cancelled")
-        else:
-            exc = task.exception()
-            if exc is None:
-                self._pulse()
-                return
-            error = exc if isinstance(exc, ApiError) else ApiError(
-                Reason.INTERNAL, f"cold-load of '{model}' failed: {exc}")
-            if not isinstance(exc, ApiError):
-                log.error("cold-load of %s failed unexpectedly", model, exc_info=exc)
-        self._failures[model] = _Failure(error, time.monotonic() + FAILURE_MEMORY_S)
+        error = load_error(model, task)
+        if error is not None and error.reason in _BROKEN_LOADS:
+            self._failures[model] = _Failure(error, time.monotonic() + FAILURE_MEMORY_S)
         self._pulse()
 
     # ------------------------------------------------------------------ loading
@@ -318,7 +319,7 @@ class FleetManager:
                 log.info("%s refused %s for memory (%s); making room for %d MiB", node.name,
                          model, reply.message, need)
                 continue
-            raise self._load_error(model, node.name, reply)
+            raise self._refusal(model, node.name, reply)
         raise AssertionError("unreachable")  # the last round raises
 
     def _place(self, entry: ModelEntry, need_mb: int) -> NodeView:
@@ -409,13 +410,24 @@ class FleetManager:
                            f"{what} of '{model}' on '{node}' failed: {exc}") from None
 
     @staticmethod
-    def _load_error(model: str, node: str, reply: ControlReply) -> ApiError:
+    def _refusal(model: str, node: str, reply: ControlReply) -> ApiError:
         message = f"cold-load of '{model}' on '{node}' failed: {reply.message}"
         if reply.preflight is not None:
             return ApiError(Reason.PREFLIGHT_FAILED, message, code=reply.preflight.kind)
         if reply.code is ErrorCode.INSUFFICIENT_MEMORY:
             return ApiError(Reason.INSUFFICIENT_MEMORY, message)
         return ApiError(Reason.LOAD_FAILED, message)
+
+
+def load_error(model: str, task: asyncio.Task[str]) -> ApiError | None:
+    """How a finished cold load failed, as every waiter reports it; None when it succeeded."""
+    if task.cancelled():
+        return ApiError(Reason.SHUTTING_DOWN, f"the load of '{model}' was cancelled")
+    exc = task.exception()
+    if exc is None or isinstance(exc, ApiError):
+        return exc
+    log.error("cold-load of %s failed unexpectedly", model, exc_info=exc)
+    return ApiError(Reason.INTERNAL, f"cold-load of '{model}' failed: {exc}")
 
 
 class ColdWait:
@@ -426,6 +438,8 @@ class ColdWait:
         self.model = model
         self._deadline = deadline
         self._closed = False
+        self._load: asyncio.Task[str] | None = None
+        """The cold load this request waits for (None: one elsewhere, or none yet)."""
 
     async def wait(self, timeout_s: float | None = None) -> bool:
         """True once the model is routable; False after ``timeout_s`` (for a keep-alive).
@@ -440,7 +454,12 @@ class ColdWait:
         while True:
             if fleet.routable(self.model):
                 return True
-            manager._ensure_loading(self.model)
+            if self._load is not None and self._load.done():
+                error, self._load = load_error(self.model, self._load), None
+                if error is not None:
+                    raise error
+            if self._load is None:
+                self._load = manager._ensure_loading(self.model)
             left = until - time.monotonic()
             if left <= 0:
                 if time.monotonic() >= self._deadline:

@@ -41,7 +41,9 @@ class LocalStack:
         models: Sequence[ModelSpec],
         gateway: GatewaySettings | None = None,
         neuron: NeuronSettings | None = None,
+        gateways: int = 1,
     ) -> None:
+        """``gateways`` > 1 starts more gateways on the same bus (`base_urls`)."""
         port = free_port()
         base_gateway = gateway or GatewaySettings()
         self.gateway_settings = replace(base_gateway, host="127.0.0.1", port=port,
@@ -51,6 +53,8 @@ class LocalStack:
                                        models=tuple(models), heartbeat_interval_s=1.0)
         self._engine = engine
         self.base_url = f"http://127.0.0.1:{port}"
+        self._extra_ports = [free_port() for _ in range(gateways - 1)]
+        self.base_urls = [self.base_url, *(f"http://127.0.0.1:{p}" for p in self._extra_ports)]
         self.worker: Worker | None = None
         self.bus: GatewayBus | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -117,8 +121,26 @@ class LocalStack:
                 await serving
                 raise RuntimeError("gateway exited during start-up")
             await asyncio.sleep(0.02)
+        extra = []
+        for extra_port in self._extra_ports:
+            settings = replace(self.gateway_settings, port=extra_port,
+                               gateway_id=f"{self.gateway_settings.gateway_id}-{extra_port}")
+            server = uvicorn.Server(uvicorn.Config(
+                create_app(settings, bus=GatewayBus(settings, FleetView())), host="127.0.0.1",
+                port=extra_port, log_level="warning", lifespan="on"))
+            task = asyncio.ensure_future(server.serve())
+            extra.append((server, task))
+            while not server.started:
+                if task.done():
+                    await task
+                    raise RuntimeError("an extra gateway exited during start-up")
+                await asyncio.sleep(0.02)
         self._ready.set()
         await self._stop.wait()
         self._server.should_exit = True
+        for server, _ in extra:
+            server.should_exit = True
         await serving
+        for _, task in extra:
+            await task
         await self.worker.shutdown()
