@@ -20,6 +20,7 @@ import asyncio
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
@@ -437,7 +438,9 @@ class ColdWait:
         self._manager = manager
         self.model = model
         self._deadline = deadline
-        self._closed = False
+        self._leave = weakref.finalize(self, manager._leave, model)
+        """Gives the queue place back exactly once: on `close`, or when a request that never
+        ran its cleanup (a response never started) is collected."""
         self._load: asyncio.Task[str] | None = None
         """The cold load this request waits for (None: one elsewhere, or none yet)."""
 
@@ -470,7 +473,11 @@ class ColdWait:
             await manager._changed(left)
 
     async def until_ready(self, disconnected: Callable[[], Awaitable[None]]) -> None:
-        """Wait for the model, or raise `asyncio.CancelledError` if the client goes first."""
+        """Wait for the model (for a non-streaming request).
+
+        Raises:
+            ApiError: as `wait`, or the client went away first (nobody reads that answer).
+        """
         waiting = asyncio.ensure_future(self.wait())
         gone = asyncio.ensure_future(disconnected())
         try:
@@ -480,13 +487,11 @@ class ColdWait:
             if not waiting.done():
                 waiting.cancel()
         if not waiting.done() or waiting.cancelled():
-            raise asyncio.CancelledError
+            raise ApiError(Reason.CANCELLED, "the client went away while the model loaded")
         waiting.result()
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._manager._leave(self.model)
+        self._leave()
 
 
 Begin = Callable[[JobStream, JobAccepted], AsyncIterator[bytes]]

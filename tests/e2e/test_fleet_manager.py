@@ -20,6 +20,7 @@ import pytest
 from cortex.catalogue import Catalogue
 from cortex.config import ModelEntry, ModelsConfig
 from cortex.embedded_nats import EmbeddedNatsServer
+from cortex.manager import DEFRAG_WARNING
 from cortex.settings import GatewaySettings
 from neuron.settings import NeuronSettings
 from tests.support.hub_cache import cache_repo
@@ -187,14 +188,21 @@ def test_two_gateways_share_one_load_and_agree_on_the_models(make_fleet: object)
     assert fleet.models(urls[1])[A]["loaded"] is True
 
 
-def test_lru_evicts_the_least_recently_used_model_to_make_room(make_fleet: object) -> None:
-    fleet: Fleet = make_fleet(catalogue=_catalogue(_entry(A), _entry(B)))  # type: ignore[operator]
-    for model in (A, B, A, B):
+def test_lru_evicts_the_least_recently_used_model_to_make_room(
+    make_fleet: object, caplog: pytest.LogCaptureFixture,
+) -> None:
+    fleet: Fleet = make_fleet(catalogue=_catalogue(_entry(A), _entry(B)),  # type: ignore[operator]
+                              defrag_after_cycles=3)
+    for model in (A, B, A):
         assert fleet.chat(model) == "".join(ANSWER)
         assert fleet.resident() == [model]
+    assert DEFRAG_WARNING not in caplog.text
+    assert fleet.chat(B) == "".join(ANSWER)
+    assert fleet.resident() == [B]
     assert fleet.loads() == [A, B, A, B]
     fleet_json = httpx.get(f"{fleet.stack.base_url}/admin/fleet", timeout=10).json()
     assert fleet_json["nodes"][0]["evictions"] == 3
+    assert DEFRAG_WARNING in caplog.text  # the third eviction on n1 reached the threshold
 
 
 def test_priority_lets_only_a_higher_priority_newcomer_displace(make_fleet: object) -> None:
