@@ -84,3 +84,16 @@ def resolve_device(requested: str) -> str:
     except ImportError:
         pass
     return "cpu"
+
+
+def accelerator_free_mb(device: str) -> int:
+    """Free memory of the accelerator ``cuda:N`` in MiB; 0 for the CPU or when unknown."""
+    if not device.startswith("cuda"):
+        return 0
+    try:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+    except (ImportError, RuntimeError, ValueError):
+        return 0
+    return int(free // _MB)

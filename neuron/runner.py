@@ -36,6 +36,7 @@ from bus_schema.messages import (
     ToolDefinition,
     Usage,
 )
+from neuron.devices import accelerator_free_mb
 from neuron.engines.base import Finish, GenerationParams, LoadedModel, Step
 from neuron.errors import ChatTemplateError
 from neuron.output_router import (
@@ -222,8 +223,15 @@ def _fail(
 class JobRunner:
     """Runs jobs against resident models and publishes their streams."""
 
-    def __init__(self, settings: NeuronSettings) -> None:
+    def __init__(
+        self,
+        settings: NeuronSettings,
+        *,
+        free_memory_mb: Callable[[str], int] = accelerator_free_mb,
+    ) -> None:
+        """``free_memory_mb`` reads a device's free memory (0: unknown, never refuses)."""
         self._settings = settings
+        self._free_memory_mb = free_memory_mb
         self._cancels: dict[str, threading.Event] = {}
         self._cancelled_early: OrderedDict[str, None] = OrderedDict()
         """Jobs cancelled before they arrived here (a gateway gave up waiting and went
@@ -261,6 +269,15 @@ class JobRunner:
         for event in self._cancels.values():
             event.set()
 
+    def _low_memory(self, device: str) -> str | None:
+        """REFERENCE §6.3: refuse a job while the model's accelerator has less free memory than
+        ``min_free_vram_mb`` (skipped when the reading is 0, as on the CPU)."""
+        free = self._free_memory_mb(device)
+        required = self._settings.min_free_vram_mb
+        if free and free < required:
+            return f"insufficient free VRAM: {free} MiB free, need at least {required} MiB"
+        return None
+
     async def run(self, job: JobRequest, slot: ModelSlot | None, publish: Publish) -> None:
         """Run ``job`` to its terminal event. Never raises except `CancelledError`."""
         jlog = JobLog(log, {"job_id": job.job_id})
@@ -280,6 +297,10 @@ class JobRunner:
                       f"neuron '{self._settings.name}' is at its limit of "
                       f"{self._settings.max_jobs} jobs", retryable=True)
             )
+            return
+        refusal = self._low_memory(slot.model.info.device)
+        if refusal is not None:
+            await publish(_fail(job, 0, ErrorCode.INSUFFICIENT_MEMORY, refusal, retryable=True))
             return
         cancelled = threading.Event()
         self._cancels[job.job_id] = cancelled
