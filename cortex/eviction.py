@@ -47,27 +47,25 @@ class EvictionPlan:
 def candidates(
     residents: Iterable[Resident], *, strategy: Strategy, newcomer_priority: int, now: float,
     min_residency_s: float,
-) -> tuple[list[Resident], float | None]:
-    """Evictable residents in eviction order, and when the floor's earliest protection ends
-    (None when the floor protected nothing relevant)."""
+) -> tuple[list[Resident], list[Resident]]:
+    """Evictable residents in eviction order, and those the residency floor protects (that the
+    strategy would otherwise let go)."""
     order: list[Resident] = []
-    protected_until: float | None = None
+    protected: list[Resident] = []
     for r in residents:
         if r.pinned:
             continue
         if strategy == "priority" and r.priority >= newcomer_priority:
             continue
-        floor_ends = (r.loaded_at or 0.0) + min_residency_s
-        if floor_ends > now:
-            protected_until = floor_ends if protected_until is None else min(protected_until,
-                                                                             floor_ends)
+        if (r.loaded_at or 0.0) + min_residency_s > now:
+            protected.append(r)
             continue
         order.append(r)
     if strategy == "priority":
         order.sort(key=lambda r: (r.priority, r.last_used_at or -math.inf, r.model))
     else:
         order.sort(key=lambda r: (r.last_used_at or -math.inf, r.model))
-    return order, protected_until
+    return order, protected
 
 
 def plan(
@@ -76,11 +74,14 @@ def plan(
 ) -> EvictionPlan:
     """The evictions that let ``need_mb`` fit next to ``free_mb``; none when it fits already or
     cannot be made to fit."""
-    order, protected_until = candidates(
+    order, protected = candidates(
         residents, strategy=strategy, newcomer_priority=newcomer_priority, now=now,
         min_residency_s=min_residency_s,
     )
     displaceable = sum(r.memory_mb for r in order)
+    protected_until = None
+    if protected and free_mb + displaceable + sum(r.memory_mb for r in protected) >= need_mb:
+        protected_until = min((r.loaded_at or 0.0) + min_residency_s for r in protected)
     if need_mb <= free_mb:
         return EvictionPlan(displaceable_mb=displaceable)
     victims: list[str] = []

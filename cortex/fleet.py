@@ -107,7 +107,8 @@ class FleetView:
             return
         current = view.models.get(model) or ResidentModel(id=model, status="loaded")
         view.models[model] = msgspec.structs.replace(
-            current, status="loaded", load_progress=None, memory_mb=memory_mb,
+            current, status="loaded", load_progress=None,
+            memory_mb=memory_mb if memory_mb is not None else current.memory_mb,
             pinned=pinned or current.pinned, loaded_at=current.loaded_at or time.time(),
         )
         self._changed()

@@ -32,6 +32,7 @@ from bus_schema.messages import (
     JobRequest,
     LoadRequest,
     PinRequest,
+    ResidentModel,
     UnloadRequest,
 )
 from bus_schema.subjects import ControlVerb
@@ -39,9 +40,9 @@ from cortex.bus import BusError, GatewayBus, JobStream
 from cortex.catalogue import is_feasible_on, load_spec
 from cortex.config import ModelEntry
 from cortex.errors import ApiError, Reason, model_not_found
-from cortex.eviction import Resident, plan
+from cortex.eviction import EvictionPlan, Resident, plan
 from cortex.fleet import NodeView
-from cortex.placement import Candidate, free_mb, rank
+from cortex.placement import Candidate, on_device, rank, roomiest
 from cortex.routing import start_job
 from cortex.settings import GatewaySettings
 
@@ -335,15 +336,27 @@ class FleetManager:
         priority = self._catalogue.priority(entry.id)
         candidates = []
         for name, node in nodes.items():
-            room = free_mb(node.heartbeat.devices, list(node.models.values()))
-            evictable = plan(self._residents(node), need_mb=need_mb, free_mb=room,
-                             strategy=self._settings.eviction, newcomer_priority=priority,
-                             now=time.time(), min_residency_s=self._settings.min_residency_s)
+            room, evictions = self._room_plan(node, need_mb, priority)
             candidates.append(Candidate(
                 node=name, pinned=name in entry.pinned_on, fits_free=need_mb <= room,
-                fits_after_evict=need_mb <= room + evictable.displaceable_mb, free_mb=room,
+                fits_after_evict=need_mb <= room or bool(evictions.victims), free_mb=room,
             ))
         return nodes[rank(candidates)[0].node]
+
+    def _room_plan(self, node: NodeView, need_mb: int, priority: int
+                   ) -> tuple[int, EvictionPlan]:
+        """The room on ``node``'s roomiest device and the evictions there that fit ``need_mb``."""
+        models = list(node.models.values())
+        index, room = roomiest(node.heartbeat.devices, models)
+        residents = [r for r, m in zip(self._residents(node), self._loaded(node), strict=True)
+                     if on_device(m, index)]
+        return room, plan(residents, need_mb=need_mb, free_mb=room,
+                          strategy=self._settings.eviction, newcomer_priority=priority,
+                          now=time.time(), min_residency_s=self._settings.min_residency_s)
+
+    @staticmethod
+    def _loaded(node: NodeView) -> list[ResidentModel]:
+        return [m for m in node.models.values() if m.status == "loaded"]
 
     def _residents(self, node: NodeView) -> list[Resident]:
         return [
@@ -354,7 +367,7 @@ class FleetManager:
                 last_used_at=max(m.last_used_at or 0.0, self._accessed.get(m.id, 0.0)) or None,
                 loaded_at=m.loaded_at,
             )
-            for m in node.models.values() if m.status == "loaded"
+            for m in self._loaded(node)
         ]
 
     async def _make_room(self, node: NodeView, entry: ModelEntry, need_mb: int) -> None:
@@ -363,14 +376,10 @@ class FleetManager:
         Raises:
             ApiError: room cannot be made now (priority strategy, or the residency floor).
         """
-        room = free_mb(node.heartbeat.devices, list(node.models.values()))
+        now = time.time()
+        room, chosen = self._room_plan(node, need_mb, self._catalogue.priority(entry.id))
         if need_mb <= room:
             return
-        now = time.time()
-        chosen = plan(self._residents(node), need_mb=need_mb, free_mb=room,
-                      strategy=self._settings.eviction,
-                      newcomer_priority=self._catalogue.priority(entry.id), now=now,
-                      min_residency_s=self._settings.min_residency_s)
         if not chosen.victims:
             if chosen.protected_until is not None:
                 wait = max(1, math.ceil(chosen.protected_until - now))

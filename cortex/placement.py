@@ -38,7 +38,21 @@ def device_room_mb(device: Device, models: Sequence[ResidentModel]) -> int:
 
 def free_mb(devices: Sequence[Device], models: Sequence[ResidentModel]) -> int:
     """The most a single model can get on a node (its roomiest compute device)."""
-    return max((device_room_mb(d, models) for d in compute_devices(devices)), default=0)
+    return roomiest(devices, models)[1]
+
+
+def roomiest(devices: Sequence[Device], models: Sequence[ResidentModel]) -> tuple[int | None, int]:
+    """(index, room) of a node's roomiest compute device; (None, 0) without devices."""
+    rooms = [(device_room_mb(d, models), -d.index, d.index) for d in compute_devices(devices)]
+    if not rooms:
+        return None, 0
+    room, _, index = max(rooms)
+    return index, room
+
+
+def on_device(model: ResidentModel, index: int | None) -> bool:
+    """Whether evicting ``model`` frees memory on device ``index`` (unknown devices: yes)."""
+    return index is None or not model.devices or index in model.devices
 
 
 def rank(candidates: Sequence[Candidate]) -> list[Candidate]:
