@@ -154,6 +154,7 @@ class Worker:
         )
         await self.nc.subscribe(discover_subject(root=s.root), cb=self._handle_discover)
         await self.nc.subscribe(f"{s.root}.node.{s.name}.ctl.*", cb=self._handle_control)
+        await self._confirm_subscriptions()  # control and discovery answer from the start
         self._spawn(self._heartbeat_loop())
         self._spawn(self._prewarm(s.models))
         log.info("neuron %s joined the bus at %s (root %s)", s.name, endpoint.redacted(), s.root)
@@ -377,6 +378,10 @@ class Worker:
     # ------------------------------------------------------------------ control
 
     async def _handle_control(self, msg: Msg) -> None:
+        # One subscription's callbacks run one at a time: a load must not hold up a cancel.
+        self._spawn(self._answer_control(msg))
+
+    async def _answer_control(self, msg: Msg) -> None:
         try:
             request = codec.decode_control_request(msg.data)
         except codec.BusDecodeError as exc:
