@@ -12,12 +12,13 @@ This is the only place in the neuron that catches broad exceptions: an engine fa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, assert_never
 
@@ -25,10 +26,6 @@ from bus_schema.errors import ErrorCode
 from bus_schema.messages import (
     ChatMessage,
     EmittedToolCall,
-    JobAccepted,
-    JobEvent,
-    JobFailed,
-    JobFinished,
     JobRequest,
     TemplateValue,
     Timings,
@@ -38,7 +35,8 @@ from bus_schema.messages import (
 )
 from neuron.devices import accelerator_free_mb
 from neuron.engines.base import Finish, GenerationParams, LoadedModel, Step
-from neuron.errors import ChatTemplateError
+from neuron.errors import ChatTemplateError, NeuronError
+from neuron.job_events import JobEvents, Publish
 from neuron.output_router import (
     OutputRouter,
     Piece,
@@ -52,7 +50,6 @@ from neuron.settings import NeuronSettings
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[JobEvent], Awaitable[None]]
 _STARTED = object()
 _DONE = object()
 
@@ -159,7 +156,6 @@ class _ChunkBuilder:
 
     def __init__(self, job_id: str) -> None:
         self._job_id = job_id
-        self.seq = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -188,12 +184,11 @@ class _ChunkBuilder:
                 assert_never(piece)
         self._stage = _STAGE[type(piece)]
 
-    def take(self) -> TokenChunk | None:
-        """The chunk collected so far (None when there is nothing to send)."""
+    def take(self, seq: int) -> TokenChunk | None:
+        """The chunk collected so far, numbered ``seq`` (None when there is nothing to send)."""
         if not (self._reasoning or self._text or self._calls):
             return None
-        self.seq += 1
-        chunk = TokenChunk(job_id=self._job_id, seq=self.seq, text="".join(self._text),
+        chunk = TokenChunk(job_id=self._job_id, seq=seq, text="".join(self._text),
                            reasoning="".join(self._reasoning), tool_calls=tuple(self._calls),
                            token_ids=tuple(self._ids))
         self._reset()
@@ -203,21 +198,6 @@ class _ChunkBuilder:
 _STAGE: Final[dict[type, int]] = {ReasoningPiece: 0, TextPiece: 1, ToolCallPiece: 2}
 #: How many early cancels a neuron remembers (a cancel costs a job id of at most 128 bytes).
 _CANCELLED_EARLY_KEPT: Final = 4096
-
-
-def _fail(
-    job: JobRequest,
-    seq: int,
-    code: ErrorCode,
-    message: str,
-    *,
-    retryable: bool = False,
-    prompt_tokens: int | None = None,
-    max_prompt_tokens: int | None = None,
-) -> JobFailed:
-    return JobFailed(job_id=job.job_id, seq=seq, code=code, message=message,
-                     retryable=retryable, prompt_tokens=prompt_tokens,
-                     max_prompt_tokens=max_prompt_tokens)
 
 
 class JobRunner:
@@ -279,40 +259,42 @@ class JobRunner:
         return None
 
     async def run(self, job: JobRequest, slot: ModelSlot | None, publish: Publish) -> None:
-        """Run ``job`` to its terminal event. Never raises except `CancelledError`."""
+        """Run ``job`` to its terminal event. Never raises except `CancelledError`; a failure
+        anywhere ends the job's stream with `JobFailed`."""
         jlog = JobLog(log, {"job_id": job.job_id})
         if job.job_id in self._cancelled_early:
             del self._cancelled_early[job.job_id]
             jlog.info("cancelled before it arrived; not run")
             return
+        events = JobEvents(job.job_id, publish)
         if slot is None or slot.model is None or slot.status != "loaded":
-            await publish(
-                _fail(job, 0, ErrorCode.MODEL_NOT_LOADED,
-                      f"model '{job.model}' not loaded on this neuron", retryable=True)
-            )
+            await events.fail(ErrorCode.MODEL_NOT_LOADED,
+                              f"model '{job.model}' not loaded on this neuron", retryable=True)
             return
         if self._admitted >= self._settings.max_jobs:
-            await publish(
-                _fail(job, 0, ErrorCode.OVERLOADED,
-                      f"neuron '{self._settings.name}' is at its limit of "
-                      f"{self._settings.max_jobs} jobs", retryable=True)
-            )
+            await events.fail(ErrorCode.OVERLOADED,
+                              f"neuron '{self._settings.name}' is at its limit of "
+                              f"{self._settings.max_jobs} jobs", retryable=True)
             return
         refusal = self._low_memory(slot.model.info.device)
         if refusal is not None:
-            await publish(_fail(job, 0, ErrorCode.INSUFFICIENT_MEMORY, refusal, retryable=True))
+            await events.fail(ErrorCode.INSUFFICIENT_MEMORY, refusal, retryable=True)
             return
         cancelled = threading.Event()
         self._cancels[job.job_id] = cancelled
         self._admitted += 1
         self._idle.clear()
         try:
-            await self._run_admitted(job, slot, slot.require(), publish, cancelled, jlog)
+            await self._run_admitted(job, slot, slot.require(), events, cancelled, jlog)
         except asyncio.CancelledError:
             cancelled.set()
             raise
-        except Exception:  # noqa: BLE001 - the one broad catch: a failing job must not kill the neuron
+        except Exception:  # noqa: BLE001 - the one broad catch: reported to the gateway below
             jlog.exception("job failed")
+            with contextlib.suppress(Exception):  # the bus itself may be what failed
+                await events.fail(ErrorCode.ENGINE_ERROR,
+                                  "internal error in the neuron; see its log for job "
+                                  f"{job.job_id}")
         finally:
             self._admitted -= 1
             if not self._admitted:
@@ -324,7 +306,7 @@ class JobRunner:
         job: JobRequest,
         slot: ModelSlot,
         model: LoadedModel,
-        publish: Publish,
+        events: JobEvents,
         cancelled: threading.Event,
         jlog: JobLog,
     ) -> None:
@@ -334,7 +316,7 @@ class JobRunner:
         try:
             prompt = await asyncio.to_thread(job_prompt, model, job)
         except ChatTemplateError as exc:
-            await publish(_fail(job, 0, ErrorCode.TEMPLATE_ERROR, str(exc)))
+            await events.fail(ErrorCode.TEMPLATE_ERROR, str(exc))
             return
         if cancelled.is_set():  # the gateway gave up waiting while the prompt was prepared
             jlog.info("cancelled before it was accepted; not run")
@@ -342,18 +324,14 @@ class JobRunner:
         prompt_ids = prompt.ids
         limit = min(self._settings.max_prompt_tokens, context - 1)
         if len(prompt_ids) > limit:
-            await publish(
-                _fail(job, 0, ErrorCode.PROMPT_TOO_LONG,
-                      f"prompt has {len(prompt_ids)} tokens but max is {limit}",
-                      prompt_tokens=len(prompt_ids), max_prompt_tokens=limit)
-            )
+            await events.fail(ErrorCode.PROMPT_TOO_LONG,
+                              f"prompt has {len(prompt_ids)} tokens but max is {limit}",
+                              prompt_tokens=len(prompt_ids), max_prompt_tokens=limit)
             return
         budget = context - len(prompt_ids)
         max_tokens = min(job.params.max_tokens or budget, budget)
-        await publish(
-            JobAccepted(job_id=job.job_id, node=self._settings.name, model=job.model,
-                        prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
-        )
+        await events.accept(node=self._settings.name, model=job.model,
+                            prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
         params = GenerationParams(
             max_tokens=max_tokens,
             temperature=job.params.temperature,
@@ -420,9 +398,7 @@ class JobRunner:
                 chunk.add(piece)
 
         async def send() -> None:
-            ready = chunk.take()
-            if ready is not None:
-                await publish(ready)
+            await events.chunk(chunk)
 
         try:
             while True:
@@ -453,33 +429,36 @@ class JobRunner:
                 slot.waiting -= 1
             else:
                 slot.running -= 1
-        seq = chunk.seq + 1
         if finish is None:
             message = f"{type(error).__name__}: {error}" if error else "engine ended without result"
             jlog.error("generation failed: %s", message, exc_info=error)
-            await publish(_fail(job, seq, ErrorCode.ENGINE_ERROR, message))
+            await events.fail(ErrorCode.ENGINE_ERROR, _engine_failure(error))
             return
         if expired.is_set() and finish.reason == "cancelled":
             jlog.info("deadline passed after %d tokens; stopped", finish.completion_tokens)
-            await publish(_fail(job, seq, ErrorCode.DEADLINE_EXCEEDED,
-                                "the job's deadline passed before generation finished"))
+            await events.fail(ErrorCode.DEADLINE_EXCEEDED,
+                              "the job's deadline passed before generation finished")
             return
         queue_s = (started_at or accepted_at) - accepted_at
         reason = finish.reason
-        await publish(
-            JobFinished(
-                job_id=job.job_id,
-                seq=seq,
-                finish_reason=reason,
-                usage=Usage(prompt_tokens=len(prompt_ids),
-                            completion_tokens=finish.completion_tokens),
-                stop_sequence=finish.stop_sequence,
-                timings=Timings(queue_ms=queue_s * 1e3, prefill_ms=finish.prefill_seconds * 1e3,
-                                decode_ms=finish.decode_seconds * 1e3),
-            )
+        await events.finish(
+            reason=reason,
+            usage=Usage(prompt_tokens=len(prompt_ids),
+                        completion_tokens=finish.completion_tokens),
+            stop_sequence=finish.stop_sequence,
+            timings=Timings(queue_ms=queue_s * 1e3, prefill_ms=finish.prefill_seconds * 1e3,
+                            decode_ms=finish.decode_seconds * 1e3),
         )
         jlog.info(
             "finished model=%s reason=%s prompt=%d completion=%d queue=%.0fms prefill=%.0fms "
             "decode=%.0fms", job.model, reason, len(prompt_ids), finish.completion_tokens,
             queue_s * 1e3, finish.prefill_seconds * 1e3, finish.decode_seconds * 1e3,
         )
+
+
+def _engine_failure(error: BaseException | None) -> str:
+    """What a client is told when generation failed: our own errors say what happened; library
+    errors (torch's text) stay in the neuron's log."""
+    if isinstance(error, NeuronError):
+        return str(error)
+    return "the model failed while generating; see the neuron's log"

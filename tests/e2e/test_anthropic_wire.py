@@ -757,7 +757,7 @@ def test_failure_mid_stream_is_an_error_event_without_message_stop(
     error = events[-1][1]
     assert set(error) == {"type", "error"}
     assert error["error"]["type"] == "api_error"
-    assert "scripted device failure" in error["error"]["message"]
+    assert "the model failed while generating" in error["error"]["message"]
     text = "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta")
     assert text == "Partial answer"
 
