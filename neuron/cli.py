@@ -23,6 +23,7 @@ from neuron.config import (
     settings_from_config,
 )
 from neuron.devices import resolve_device
+from neuron.engines.base import Engine
 from neuron.errors import NeuronError
 from neuron.settings import ModelSpec, NeuronSettings
 from neuron.sources import pull_model
@@ -245,13 +246,25 @@ def serve(
         return 1
 
 
-async def _serve(settings: NeuronSettings) -> int:
-    from neuron.engines.torch_engine import TorchEngine  # lazy: torch loads here
+def build_engines(settings: NeuronSettings) -> dict[str, Engine]:
+    """The engines of the enabled harnesses (imported lazily: torch loads here)."""
+    engines: dict[str, Engine] = {}
+    for harness in settings.harnesses:
+        match harness:
+            case "torch":
+                from neuron.engines.torch_engine import TorchEngine
 
-    engine = TorchEngine(device=resolve_device(settings.device), dtype=settings.dtype,
-                         prefill_chunk_tokens=settings.prefill_chunk_tokens,
-                         use_chat_template=settings.use_chat_template)
-    worker = Worker(settings, engine, on_activation=ProgressBar())
+                engines[harness] = TorchEngine(
+                    device=resolve_device(settings.device), dtype=settings.dtype,
+                    prefill_chunk_tokens=settings.prefill_chunk_tokens,
+                    use_chat_template=settings.use_chat_template)
+            case _:
+                log.warning("harness '%s' is not available in this neuron; ignored", harness)
+    return engines
+
+
+async def _serve(settings: NeuronSettings) -> int:
+    worker = Worker(settings, build_engines(settings), on_activation=ProgressBar())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

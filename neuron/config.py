@@ -263,6 +263,7 @@ def settings_from_config(
             pinned=m.pinned,
             tensor_parallel=m.tensor_parallel,
             devices=tuple(m.devices),
+            harness=m.harness,
         )
         for m in config.default_models
     )

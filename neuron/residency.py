@@ -26,6 +26,7 @@ from neuron.errors import (
     AlreadyLoadedError,
     InsufficientMemoryError,
     ModelNotLoadedError,
+    NeuronError,
 )
 from neuron.memory import MemoryBook, estimate_mb
 from neuron.preflight import preflight_hub, preflight_local
@@ -102,7 +103,7 @@ class Residency:
 
     def __init__(
         self,
-        engine: Engine,
+        engines: Mapping[str, Engine],
         sink: ActivationSink,
         *,
         hf_cache: Path | None = None,
@@ -114,7 +115,7 @@ class Residency:
     ) -> None:
         """Hold models for ``engine`` on ``device`` (``cpu`` / ``cuda:N``), within ``memory``'s
         budgets (default: half of the device); ``devices`` reads the host's devices now."""
-        self._engine = engine
+        self._engines = engines
         self._sink = sink
         self._slots: dict[str, ModelSlot] = {}
         self._hf_cache = hf_cache
@@ -179,7 +180,7 @@ class Residency:
             self._sink("started", model_id, 0.0, str(resolved.files.weights[0]))
             progress = _ProgressRelay(loop, slot, self._sink)
             slot.model = await loop.run_in_executor(
-                slot.executor, self._engine.load, resolved.files, progress
+                slot.executor, self._engine(spec).load, resolved.files, progress
             )
         except BaseException as exc:  # reported as `failed`, then re-raised
             del self._slots[model_id]
@@ -197,6 +198,17 @@ class Residency:
             f"{time.monotonic() - started:.1f}s"
         )
         return slot
+
+    def _engine(self, spec: ModelSpec) -> Engine:
+        """The engine for ``spec``'s harness.
+
+        Raises:
+            NeuronError: this neuron has no such engine.
+        """
+        engine = self._engines.get(spec.harness)
+        if engine is None:
+            raise NeuronError(f"unknown harness: {spec.harness}")
+        return engine
 
     def _resolve(self, spec: ModelSpec, model_id: str) -> ResolvedModel:
         """Preflight (one listing, no download: REFERENCE §6.6), then fetch or find the files.

@@ -56,6 +56,8 @@ class ModelSpec:
     choice."""
     devices: tuple[int, ...] = ()
     """Device indexes to place it on; empty: the engine's choice."""
+    harness: str = "torch"
+    """The engine that runs it (``torch``, ``ctransformers``)."""
 
     def __post_init__(self) -> None:
         if self.tensor_parallel is not None and self.tensor_parallel < 1:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, assert_never
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
 import nats
 import nats.micro
@@ -28,23 +27,14 @@ from nats.micro.service import Service
 
 from bus_schema import codec
 from bus_schema.connection import parse_nats_urls
-from bus_schema.errors import ErrorCode
 from bus_schema.messages import (
     Activation,
     ActivationEventKind,
     ActivationState,
-    CancelJob,
-    ControlReply,
-    ControlRequest,
-    DrainRequest,
     FailedActivation,
     Heartbeat,
     JobEvent,
     JobRequest,
-    LoadRequest,
-    PinRequest,
-    TokenizeRequest,
-    UnloadRequest,
 )
 from bus_schema.service import NEURON_SERVICE, package_version, service_version
 from bus_schema.subjects import (
@@ -56,17 +46,16 @@ from bus_schema.subjects import (
     job_subject,
     node_job_subject,
 )
+from neuron.control import ControlPlane
 from neuron.devices import host_info, resolve_device
 from neuron.engines.base import Engine
 from neuron.errors import (
     AlreadyLoadedError,
-    InsufficientMemoryError,
     NeuronError,
 )
 from neuron.memory import MemoryBook
-from neuron.preflight import PreflightError
 from neuron.residency import Residency, served_id
-from neuron.runner import JobRunner, prepare_prompt
+from neuron.runner import JobRunner
 from neuron.settings import ModelSpec, NeuronSettings
 
 log = logging.getLogger(__name__)
@@ -81,17 +70,19 @@ class Worker:
     def __init__(
         self,
         settings: NeuronSettings,
-        engine: Engine,
+        engines: Engine | Mapping[str, Engine],
         *,
         on_activation: ActivationListener | None = None,
     ) -> None:
+        """A neuron running ``engines`` (by harness name; one engine serves its own name)."""
         self.settings = settings
-        self._engine = engine
+        self._engines: Mapping[str, Engine] = (
+            engines if isinstance(engines, Mapping) else {engines.name: engines})
         self._on_activation = on_activation
         self._nc: NatsClient | None = None
         self._service: Service | None = None
         self._residency = Residency(
-            engine, self._activation, hf_cache=settings.hf_cache, sources=settings.sources,
+            self._engines, self._activation, hf_cache=settings.hf_cache, sources=settings.sources,
             default_source=settings.default_source,
             memory=MemoryBook(budget_mb=settings.memory_budget_mb),
             device=resolve_device(settings.device),
@@ -99,6 +90,7 @@ class Worker:
         self._loads: dict[str, asyncio.Future[None]] = {}
         """Loads in progress by model id: a second load of the same model waits for the first."""
         self._runner = JobRunner(settings)
+        self._control = ControlPlane(self, reply=self._reply, spawn=self._spawn)
         self._job_subs: dict[str, list[Subscription]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._seq = 0
@@ -150,10 +142,10 @@ class Worker:
             name=NEURON_SERVICE,
             version=service_version(package_version()),
             description=f"Cortex neuron '{s.name}': runs jobs for its resident models",
-            metadata={"node": s.name, "root": s.root, "engine": self._engine.name},
+            metadata={"node": s.name, "root": s.root, "engine": ",".join(sorted(self._engines))},
         )
         await self.nc.subscribe(discover_subject(root=s.root), cb=self._handle_discover)
-        await self.nc.subscribe(f"{s.root}.node.{s.name}.ctl.*", cb=self._handle_control)
+        await self.nc.subscribe(f"{s.root}.node.{s.name}.ctl.*", cb=self._control.handle)
         await self._confirm_subscriptions()  # control and discovery answer from the start
         self._spawn(self._heartbeat_loop())
         self._spawn(self._prewarm(s.models))
@@ -314,8 +306,8 @@ class Worker:
     # ------------------------------------------------------------------ fleet state
 
     def heartbeat(self) -> Heartbeat:
-        """This neuron's full state now."""
-        self._seq += 1
+        """This neuron's full state now, numbered as the last heartbeat sent (a query: it
+        changes nothing; `_beat` numbers the next one)."""
         activation = ActivationState(
             state="pre_warming" if not self.ready.is_set() else "ready",
             pending=tuple(self._pending),
@@ -339,12 +331,17 @@ class Worker:
             draining=self._draining,
         )
 
+    def _beat(self) -> Heartbeat:
+        """The next heartbeat to send."""
+        self._seq += 1
+        return self.heartbeat()
+
     async def _publish_heartbeat(self) -> None:
         if self._nc is None or self._nc.is_closed:
             return
         await self._nc.publish(
             heartbeat_subject(self.settings.name, root=self.settings.root),
-            codec.encode(self.heartbeat()),
+            codec.encode(self._beat()),
         )
 
     async def _heartbeat_loop(self) -> None:
@@ -354,7 +351,7 @@ class Worker:
 
     async def _handle_discover(self, msg: Msg) -> None:
         if msg.reply:
-            await self.nc.publish(msg.reply, codec.encode(self.heartbeat()))
+            await self.nc.publish(msg.reply, codec.encode(self._beat()))
 
     def _activation(
         self, event: ActivationEventKind, model: str | None, progress: float | None, message: str
@@ -375,113 +372,30 @@ class Worker:
                 )
             )
 
-    # ------------------------------------------------------------------ control
+    # ------------------------------------------------------------------ what the control plane uses
 
-    async def _handle_control(self, msg: Msg) -> None:
-        # One subscription's callbacks run one at a time: a load must not hold up a cancel.
-        self._spawn(self._answer_control(msg))
+    def engine_for(self, harness: str) -> Engine | str:
+        """The engine for ``harness``, or why a load for it is refused (REFERENCE §6.1)."""
+        if harness not in self.settings.harnesses:
+            return f"unknown harness: {harness}"
+        engine = self._engines.get(harness)
+        if engine is None:
+            return f"expected harness={'|'.join(sorted(self._engines))}, got harness={harness}"
+        return engine
 
-    async def _answer_control(self, msg: Msg) -> None:
-        try:
-            request = codec.decode_control_request(msg.data)
-        except codec.BusDecodeError as exc:
-            reply = ControlReply(status=400, code=ErrorCode.INVALID_REQUEST, message=str(exc))
-        else:
-            reply = await self._control(request)
-        if msg.reply:
-            await self.nc.publish(msg.reply, codec.encode(reply))
+    async def _reply(self, subject: str, payload: bytes) -> None:
+        await self.nc.publish(subject, payload)
 
-    async def _control(self, request: ControlRequest) -> ControlReply:
-        match request:
-            case CancelJob(job_id=job_id):
-                found = self._runner.cancel(job_id)
-                return ControlReply(status=200 if found else 404,
-                                    message="cancelled" if found else f"job '{job_id}' not running")
-            case LoadRequest():
-                return await self._control_load(request)
-            case UnloadRequest():
-                return await self._control_unload(request)
-            case TokenizeRequest():
-                return await self._control_tokenize(request)
-            case DrainRequest():
-                self._activation("draining", None, None, "")
-                await self._stop_taking_jobs()
-                return ControlReply(status=200, message="draining")
-            case PinRequest():
-                return await self._control_pin(request)
-            case _:
-                assert_never(request)
+    def cancel_job(self, job_id: str) -> bool:
+        return self._runner.cancel(job_id)
 
-    async def _control_load(self, request: LoadRequest) -> ControlReply:
-        if request.harness not in self.settings.harnesses:
-            return ControlReply(status=400, code=ErrorCode.LOAD_FAILED,
-                                message=f"unknown harness: {request.harness}")
-        if request.harness != self._engine.name:
-            return ControlReply(status=400, code=ErrorCode.LOAD_FAILED,
-                                message=f"expected harness={self._engine.name}, "
-                                        f"got harness={request.harness}")
-        spec = ModelSpec(source=request.model_id, quant=request.quant, pinned=request.pinned,
-                         tensor_parallel=request.tensor_parallel)
-        try:
-            model_id = await self.load(spec, memory_mb=request.memory_mb)
-        except AlreadyLoadedError as exc:
-            return self._loaded_reply(exc.model_id, str(exc))
-        except InsufficientMemoryError as exc:
-            return ControlReply(status=503, code=ErrorCode.INSUFFICIENT_MEMORY, message=str(exc),
-                                memory_mb=exc.need_mb)
-        except PreflightError as exc:
-            return ControlReply(status=422, code=ErrorCode.PREFLIGHT_FAILED, message=str(exc),
-                                preflight=exc.failure)
-        except NeuronError as exc:
-            return ControlReply(status=400, code=ErrorCode.LOAD_FAILED, message=str(exc))
-        return self._loaded_reply(model_id, "loaded")
+    async def drain(self) -> None:
+        self._activation("draining", None, None, "")
+        await self._stop_taking_jobs()
 
-    def _loaded_reply(self, model_id: str, message: str) -> ControlReply:
-        slot = self._residency.get(model_id)
-        return ControlReply(status=200, model=model_id, message=message,
-                            memory_mb=slot.memory_mb if slot is not None else None)
-
-    async def _control_unload(self, request: UnloadRequest) -> ControlReply:
-        model_id = request.model_id
-        slot = self._residency.get(model_id)
-        if slot is None:
-            return ControlReply(status=404, code=ErrorCode.NOT_FOUND, model=model_id,
-                                message=f"model '{model_id}' not found on any harness")
-        if slot.status != "loaded":
-            return ControlReply(status=409, code=ErrorCode.MODEL_NOT_LOADED, model=model_id,
-                                message=f"model '{model_id}' is still loading")
-        if request.evict and slot.pinned:
-            return ControlReply(status=409, code=ErrorCode.PINNED, model=model_id,
-                                message=f"model '{model_id}' is pinned on this node")
-        await self.unload(model_id, evict=request.evict)
-        return ControlReply(status=200, model=model_id,
-                            message="evicted" if request.evict else "unloaded")
-
-    async def _control_pin(self, request: PinRequest) -> ControlReply:
-        slot = self._residency.get(request.model_id)
-        if slot is None:
-            return ControlReply(status=404, code=ErrorCode.NOT_FOUND, model=request.model_id,
-                                message=f"model '{request.model_id}' not found on any harness")
-        slot.pinned = request.pinned
-        log.info("model %s %s", request.model_id, "pinned" if request.pinned else "unpinned")
+    async def state_changed(self) -> None:
+        """Tell the gateways at once (a heartbeat out of turn)."""
         await self._publish_heartbeat()
-        return ControlReply(status=200, model=request.model_id,
-                            message="pinned" if request.pinned else "unpinned")
-
-    async def _control_tokenize(self, request: TokenizeRequest) -> ControlReply:
-        slot = self._residency.get(request.model)
-        if slot is None or slot.model is None:
-            return ControlReply(status=404, code=ErrorCode.MODEL_NOT_LOADED, model=request.model,
-                                message=f"model '{request.model}' not loaded on this neuron")
-        try:
-            prompt = await asyncio.to_thread(
-                functools.partial(prepare_prompt, slot.model, messages=request.messages,
-                                  prompt=request.prompt, tools=request.tools,
-                                  chat_template_kwargs=request.chat_template_kwargs)
-            )
-        except NeuronError as exc:
-            return ControlReply(status=400, code=ErrorCode.TEMPLATE_ERROR, message=str(exc))
-        return ControlReply(status=200, model=request.model, tokens=len(prompt.ids))
 
     # ------------------------------------------------------------------ connection events
 
