@@ -96,6 +96,7 @@ def build_settings(
     device: str | None = None,
     dtype: str | None = None,
     max_jobs: int | None = None,
+    max_batch: int | None = None,
     heartbeat_interval: float | None = None,
     hf_cache: Path | None = None,
     prefill_chunk_tokens: int | None = None,
@@ -125,6 +126,7 @@ def build_settings(
         "device": device,
         "dtype": dtype,
         "max_jobs": max_jobs,
+        "max_batch": max_batch,
         "heartbeat_interval_s": heartbeat_interval,
         "harness.torch.hf_cache": _absolute(hf_cache),
         "prefill_chunk_tokens": prefill_chunk_tokens,
@@ -163,6 +165,7 @@ def serve(
     device: str | None = None,
     dtype: str | None = None,
     max_jobs: int | None = None,
+    max_batch: int | None = None,
     heartbeat_interval: float | None = None,
     hf_cache: Path | None = None,
     prefill_chunk_tokens: int | None = None,
@@ -201,7 +204,10 @@ def serve(
     dtype
         auto, bfloat16, float16 or float32.
     max_jobs
-        Admission limit: jobs running or waiting on this neuron (default 16).
+        Admission limit: jobs running or waiting on this neuron (default 64); more are refused
+        as busy.
+    max_batch
+        Sequences one model decodes together (continuous batching; default 32).
     heartbeat_interval
         Seconds between heartbeats (default 1).
     hf_cache
@@ -211,7 +217,7 @@ def serve(
     max_prompt_tokens
         Longer prompts fail with prompt_too_long (default 16384).
     min_free_vram_mb
-        Refuse loads when a device has less free memory (default 1500).
+        Refuse jobs while the model's GPU has less free memory (default 1500).
     use_chat_template
         Use the model's chat template; --no-use-chat-template forces ChatML.
     memory_budget_mb
@@ -224,7 +230,7 @@ def serve(
     try:
         settings = build_settings(
             model or [], served_name=served_name, quant=quant, name=name, nats_url=nats_url,
-            root=root, device=device, dtype=dtype, max_jobs=max_jobs,
+            root=root, device=device, dtype=dtype, max_jobs=max_jobs, max_batch=max_batch,
             heartbeat_interval=heartbeat_interval, hf_cache=hf_cache,
             prefill_chunk_tokens=prefill_chunk_tokens, max_prompt_tokens=max_prompt_tokens,
             min_free_vram_mb=min_free_vram_mb, use_chat_template=use_chat_template,
@@ -257,7 +263,8 @@ def build_engines(settings: NeuronSettings) -> dict[str, Engine]:
                 engines[harness] = TorchEngine(
                     device=resolve_device(settings.device), dtype=settings.dtype,
                     prefill_chunk_tokens=settings.prefill_chunk_tokens,
-                    use_chat_template=settings.use_chat_template)
+                    use_chat_template=settings.use_chat_template,
+                    max_batch=settings.max_batch, threads=settings.torch_threads)
             case _:
                 log.warning("harness '%s' is not available in this neuron; ignored", harness)
     return engines

@@ -148,7 +148,9 @@ class NeuronConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     use_chat_template: bool = True
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    max_jobs: PositiveInt = 16
+    max_jobs: PositiveInt = 64
+    max_batch: PositiveInt = 32
+    torch_threads: PositiveInt | None = None
     heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
@@ -278,6 +280,8 @@ def settings_from_config(
         hf_cache=sources[HF_SCHEME].cache_dir,
         heartbeat_interval_s=config.heartbeat_interval_s,
         max_jobs=config.max_jobs,
+        max_batch=config.max_batch,
+        torch_threads=config.torch_threads,
         max_prompt_tokens=config.max_prompt_tokens,
         prefill_chunk_tokens=config.prefill_chunk_tokens,
         drain_timeout_s=config.drain_timeout_s,

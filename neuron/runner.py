@@ -34,7 +34,15 @@ from bus_schema.messages import (
     Usage,
 )
 from neuron.devices import accelerator_free_mb
-from neuron.engines.base import Finish, GenerationParams, LoadedModel, Step
+from neuron.engines.base import (
+    STARTED,
+    BatchingModel,
+    Finish,
+    GenerationParams,
+    LoadedModel,
+    Started,
+    Step,
+)
 from neuron.errors import ChatTemplateError, NeuronError
 from neuron.job_events import JobEvents, Publish
 from neuron.output_router import (
@@ -363,28 +371,54 @@ class JobRunner:
             pieces = router.push(text) if text else []
             return pieces + router.flush() if final else pieces
 
-        def produce() -> None:  # on the model's thread: generation and output routing
-            loop.call_soon_threadsafe(queue.put_nowait, _STARTED)
-            try:
-                for item in model.generate(prompt_ids, params, cancelled):
-                    if isinstance(item, Step):
-                        routed = _Routed(item.token_id, split(item.text))
-                        loop.call_soon_threadsafe(queue.put_nowait, routed)
-                    else:
-                        routed = _Routed(None, split(item.text, final=True))
-                        loop.call_soon_threadsafe(queue.put_nowait, routed)
-                        loop.call_soon_threadsafe(queue.put_nowait, item)
+        done = loop.create_future()
+
+        def put(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def emit(item: Started | Step | Finish | BaseException) -> None:
+            # On the engine's thread: output routing, and the deadline.
+            match item:
+                case Started():
+                    put(_STARTED)
+                case Step():
+                    put(_Routed(item.token_id, split(item.text)))
                     if deadline is not None and not cancelled.is_set() and time.time() > deadline:
                         expired.set()
                         cancelled.set()
+                case Finish():
+                    put(_Routed(None, split(item.text, final=True)))
+                    put(item)
+                    put(_DONE)
+                    loop.call_soon_threadsafe(_resolve, done)
+                case BaseException():
+                    put(item)
+                    put(_DONE)
+                    loop.call_soon_threadsafe(_resolve, done)
+                case _:
+                    assert_never(item)
+
+        def run_alone() -> None:  # on the model's thread, for engines that do not batch
+            emit(STARTED)
+            try:
+                for item in model.generate(prompt_ids, params, cancelled):
+                    emit(item)
+                    if isinstance(item, Finish):
+                        return
+                emit(RuntimeError("the engine ended without a result"))
             except BaseException as exc:  # noqa: BLE001 - surfaced on the loop as a JobFailed
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+                emit(exc)
 
         slot.waiting += 1
         started_at: float | None = None
-        future = loop.run_in_executor(slot.executor, produce)
+        if isinstance(model, BatchingModel):
+            try:
+                model.submit(prompt_ids, params, cancelled, emit)
+            except (ValueError, NeuronError) as exc:
+                emit(STARTED)
+                emit(exc)
+        else:
+            loop.run_in_executor(slot.executor, run_alone)
         chunk = _ChunkBuilder(job.job_id)
         finish: Finish | None = None
         error: BaseException | None = None
@@ -424,7 +458,7 @@ class JobRunner:
             cancelled.set()
             raise
         finally:
-            await asyncio.shield(future)
+            await asyncio.shield(done)
             if started_at is None:
                 slot.waiting -= 1
             else:
@@ -462,3 +496,8 @@ def _engine_failure(error: BaseException | None) -> str:
     if isinstance(error, NeuronError):
         return str(error)
     return "the model failed while generating; see the neuron's log"
+
+
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)

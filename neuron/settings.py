@@ -87,7 +87,7 @@ class NeuronSettings:
     hf_cache: Path | None = None
     """Cache of the ``huggingface`` source (legacy knob; ``sources`` is authoritative)."""
     heartbeat_interval_s: float = 1.0
-    max_jobs: int = 16
+    max_jobs: int = 64
     """Admission limit: jobs running or waiting for the model's thread."""
     max_prompt_tokens: int = 16384
     prefill_chunk_tokens: int = 512
@@ -98,6 +98,10 @@ class NeuronSettings:
     """Coalesce at most this many tokens into one TokenChunk."""
     drain_timeout_s: float = 30.0
     memory_budget_mb: int | None = None
+    max_batch: int = 32
+    """Sequences one model runs at once (continuous batching); more wait for a place."""
+    torch_threads: int | None = None
+    """torch's intra-op threads on the CPU; None: all cores but one (the event loop's)."""
     """Per device: how much the neuron may fill with models; None: half of the device
     (`neuron.config.default_memory_budget_mb`)."""
     min_free_vram_mb: int = 1500
@@ -128,8 +132,10 @@ class NeuronSettings:
         parse_nats_urls(self.nats_url)
         if self.heartbeat_interval_s <= 0:
             raise ValueError("heartbeat interval must be positive")
-        if self.max_jobs < 1:
-            raise ValueError("max_jobs must be at least 1")
+        if self.max_jobs < 1 or self.max_batch < 1:
+            raise ValueError("max_jobs and max_batch must be at least 1")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError("torch_threads must be at least 1")
         if self.max_prompt_tokens < 1 or self.prefill_chunk_tokens < 1:
             raise ValueError("token limits must be positive")
         if self.min_free_vram_mb < 0:

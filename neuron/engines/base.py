@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol, runtime_checkable
 
 ModelFormat = Literal["safetensors", "gguf"]
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -114,6 +114,17 @@ class PromptPlan:
     token_ids: tuple[int, ...] = field(repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A submitted sequence joined its model's running batch (it stops waiting)."""
+
+
+STARTED: Final = Started()
+#: Receives a submitted sequence's progress on the engine's thread: `STARTED` once, then `Step`s,
+#: then exactly one `Finish` or the exception that ended it.
+Emit = Callable[[Started | Step | Finish | BaseException], None]
+
+
 class LoadedModel(Protocol):
     """A model resident on a device, ready to generate."""
 
@@ -154,6 +165,27 @@ class LoadedModel(Protocol):
 
     def close(self) -> None:
         """Release the weights (and device memory)."""
+        ...
+
+
+@runtime_checkable
+class BatchingModel(Protocol):
+    """A model that runs many sequences at once (continuous batching): the neuron submits each
+    job's sequence and its engine-owned step loop reports progress through ``emit``."""
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: GenerationParams,
+        cancelled: threading.Event,
+        emit: Emit,
+    ) -> None:
+        """Queue a sequence; returns at once. ``emit`` is called on the engine's thread.
+
+        Raises:
+            ValueError: an empty prompt, or ids outside the vocabulary.
+            ModelNotLoadedError: after `close`.
+        """
         ...
 
 

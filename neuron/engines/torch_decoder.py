@@ -103,6 +103,17 @@ class KVCache:
         """Bytes the cache takes on its device."""
         return 2 * self.k.numel() * self.k.element_size()
 
+    def grow(self, capacity: int) -> None:
+        """Make room for ``capacity`` positions, keeping what is cached."""
+        if capacity <= self.capacity:
+            return
+        layers, heads, _, dim = self.k.shape
+        k = self.k.new_empty((layers, heads, capacity, dim))
+        v = self.v.new_empty((layers, heads, capacity, dim))
+        k[:, :, : self.length] = self.k[:, :, : self.length]
+        v[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v, self.capacity = k, v, capacity
+
 
 class _Linear(nn.Linear):
     """`nn.Linear` without random initialisation: weights always come from a checkpoint."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,19 +23,20 @@ from typing import Final
 import torch
 
 from neuron.chat_template import ChatTemplate
-from neuron.detokenize import IncrementalDetokenizer, StopMatcher
 from neuron.engines.base import (
+    Emit,
     Finish,
-    FinishReason,
     GenerationParams,
     ModelFiles,
     ModelInfo,
     ProgressCallback,
+    Started,
     Step,
     TemplateMessage,
     TemplateValue,
 )
-from neuron.engines.torch_decoder import DecoderModel, KVCache
+from neuron.engines.torch_batching import BatchLoop, BatchStats
+from neuron.engines.torch_decoder import DecoderModel
 from neuron.engines.torch_weights import (
     GGUFFile,
     config_from_gguf,
@@ -92,6 +95,12 @@ def _read_json(path: Path | None) -> dict[str, object] | None:
     return value
 
 
+def cpu_threads() -> int:
+    """torch threads for a CPU neuron: every core but one, which the event loop (heartbeats,
+    cancels, the token stream) keeps under full load."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 class TorchEngine:
     """Loads Llama / SmolLM / Qwen2 / Qwen3 models into our torch decoder."""
 
@@ -104,6 +113,8 @@ class TorchEngine:
         dtype: str = "auto",
         prefill_chunk_tokens: int = 512,
         use_chat_template: bool = True,
+        max_batch: int = 32,
+        threads: int | None = None,
     ) -> None:
         """Configure the engine.
 
@@ -113,6 +124,9 @@ class TorchEngine:
                 ``float32``.
             prefill_chunk_tokens: prompt tokens per forward pass while prefilling.
             use_chat_template: false forces the ChatML template (``NEURON_USE_CHAT_TEMPLATE``).
+            max_batch: sequences one model runs at once (more wait for a place).
+            threads: torch's intra-op threads on the CPU (None: all cores but one, so the event
+                loop and the bus keep a core under full load).
 
         Raises:
             ValueError: an unknown device or dtype, or a non-positive chunk size.
@@ -123,6 +137,9 @@ class TorchEngine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.use_chat_template = use_chat_template
+        self.max_batch = max_batch
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or cpu_threads())
 
     def load(self, files: ModelFiles, progress: ProgressCallback) -> TorchModel:
         """Load a model's tokenizer, chat template and weights; blocking.
@@ -169,6 +186,7 @@ class TorchEngine:
             template=template,
             info=info,
             prefill_chunk_tokens=self.prefill_chunk_tokens,
+            max_batch=self.max_batch,
         )
 
     def _prepare_safetensors(
@@ -283,78 +301,6 @@ def _model_info(
     )
 
 
-class Sampler:
-    """Turns logits into the next token for one generation (penalties, then greedy or sampled)."""
-
-    def __init__(
-        self, params: GenerationParams, device: torch.device, *, vocab_limit: int | None = None
-    ) -> None:
-        """Create a sampler; seeded when ``params.seed`` is set.
-
-        Args:
-            params: sampling parameters.
-            device: where the logits live.
-            vocab_limit: ids from here on are never sampled (embedding rows padded past the
-                tokenizer's vocabulary, as in Qwen checkpoints).
-        """
-        self.params = params
-        self._vocab_limit = vocab_limit
-        self._generator = torch.Generator(device=device)
-        if params.seed is not None:
-            self._generator.manual_seed(params.seed)
-        else:
-            self._generator.seed()
-        self._history: list[int] = []
-        self._counts: dict[int, int] = {}
-
-    def record(self, token_id: int) -> None:
-        """Note a generated token (for the penalties)."""
-        self._history.append(token_id)
-        self._counts[token_id] = self._counts.get(token_id, 0) + 1
-
-    @torch.inference_mode()
-    def sample(self, logits: torch.Tensor) -> int:
-        """Pick the next token from float32 ``logits`` (``[vocab]``); may modify them."""
-        params = self.params
-        if self._vocab_limit is not None and self._vocab_limit < logits.shape[-1]:
-            logits[self._vocab_limit :] = float("-inf")
-        if self._history:
-            self._apply_penalties(logits)
-        if params.temperature <= 0:
-            return int(torch.argmax(logits))
-        logits = logits / params.temperature
-        vocab = logits.shape[-1]
-        if 0 < params.top_k < vocab:
-            values, indices = torch.topk(logits, params.top_k)
-        elif params.top_p < 1.0:
-            values, indices = torch.sort(logits, descending=True)
-        else:
-            probs = torch.softmax(logits, dim=-1)
-            return int(torch.multinomial(probs, 1, generator=self._generator))
-        if params.top_p < 1.0:
-            probs = torch.softmax(values, dim=-1)
-            keep = (torch.cumsum(probs, dim=-1) - probs) < params.top_p
-            keep[0] = True  # the most likely token always stays
-            values, indices = values[keep], indices[keep]
-        choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=self._generator)
-        return int(indices[choice])
-
-    def _apply_penalties(self, logits: torch.Tensor) -> None:
-        params = self.params
-        device = logits.device
-        if params.repetition_penalty != 1.0 and params.repetition_window > 0:
-            window = sorted(set(self._history[-params.repetition_window :]))
-            ids = torch.tensor(window, device=device)
-            scores = logits[ids]
-            logits[ids] = torch.where(
-                scores > 0, scores / params.repetition_penalty, scores * params.repetition_penalty
-            )
-        if params.presence_penalty or params.frequency_penalty:
-            ids = torch.tensor(list(self._counts), device=device)
-            counts = torch.tensor(list(self._counts.values()), device=device, dtype=logits.dtype)
-            logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
-
-
 class TorchModel:
     """A model resident on a device (the `LoadedModel` of the torch engine)."""
 
@@ -366,14 +312,19 @@ class TorchModel:
         template: ChatTemplate,
         info: ModelInfo,
         prefill_chunk_tokens: int = 512,
+        max_batch: int = 32,
     ) -> None:
-        """Wrap loaded parts; use `TorchEngine.load` to build one."""
+        """Wrap loaded parts and start the model's step loop; use `TorchEngine.load`."""
         self._model: DecoderModel | None = model
         self.tokenizer = tokenizer
         self.chat_template = template
         self._chatml = ChatTemplate.chatml(tokenizer.special_tokens)
         self._info = info
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._loop = BatchLoop(model, stop_ids=frozenset(tokenizer.stop_ids),
+                               decode=tokenizer.decode, vocab_limit=tokenizer.vocab_size,
+                               prefill_chunk_tokens=prefill_chunk_tokens, max_batch=max_batch,
+                               name=info.model_id)
 
     @property
     def info(self) -> ModelInfo:
@@ -418,100 +369,51 @@ class TorchModel:
         """Tokenise rendered text without adding special tokens."""
         return self.tokenizer.encode(text)
 
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: GenerationParams,
+        cancelled: threading.Event,
+        emit: Emit,
+    ) -> None:
+        """Queue a sequence on the model's step loop; see `BatchingModel.submit`.
+
+        Raises:
+            ValueError: an empty prompt, or ids outside the vocabulary.
+            ModelNotLoadedError: after `close`.
+        """
+        vocab = self.decoder.config.vocab_size
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"prompt ids must be in [0, {vocab})")
+        self._loop.submit(prompt_ids, params, cancelled, emit)
+
+    @property
+    def batching(self) -> BatchStats:
+        """What the step loop has done so far."""
+        return self._loop.stats
+
     def generate(
         self,
         prompt_ids: Sequence[int],
         params: GenerationParams,
         cancelled: threading.Event,
     ) -> Iterator[Step | Finish]:
-        """Generate from ``prompt_ids``; see `LoadedModel.generate`.
+        """Generate from ``prompt_ids`` through the step loop, blocking the caller (any thread
+        but the loop's); see `LoadedModel.generate`.
 
         Raises:
             ValueError: an empty prompt, or ids outside the vocabulary.
             ModelNotLoadedError: after `close`.
         """
-        model = self.decoder
-        vocab = model.config.vocab_size
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise ValueError(f"prompt ids must be in [0, {vocab})")
-        return self._generate(model, list(prompt_ids), params, cancelled)
-
-    def _generate(
-        self,
-        model: DecoderModel,
-        prompt: list[int],
-        params: GenerationParams,
-        cancelled: threading.Event,
-    ) -> Iterator[Step | Finish]:
-        started = time.perf_counter()
-        budget = min(params.max_tokens, model.config.context_length - len(prompt))
-        if budget <= 0:
-            yield Finish(reason="length", completion_tokens=0)
-            return
-        device = model.embed_tokens.weight.device
-        cache = model.new_cache(len(prompt) + budget)
-        ids = torch.tensor(prompt, dtype=torch.long, device=device)
-        logits: torch.Tensor | None = None
-        for start in range(0, len(prompt), self.prefill_chunk_tokens):
-            if cancelled.is_set():
-                yield Finish(
-                    reason="cancelled",
-                    completion_tokens=0,
-                    prefill_seconds=time.perf_counter() - started,
-                )
-                return
-            chunk = ids[start : start + self.prefill_chunk_tokens]
-            logits = _forward(model, chunk, cache)
-        assert logits is not None
-        prefilled = time.perf_counter()
-
-        sampler = Sampler(params, device, vocab_limit=self.tokenizer.vocab_size)
-        detokenizer = IncrementalDetokenizer(self.tokenizer.decode)
-        stopper = StopMatcher(params.stop)
-        stop_ids = self.tokenizer.stop_ids
-        generated = 0
-        reason: FinishReason = "length"
-        while True:
-            if cancelled.is_set():
-                reason = "cancelled"
-                break
-            token = sampler.sample(logits[0])
-            if token in stop_ids:
-                reason = "stop"
-                break
-            generated += 1
-            sampler.record(token)
-            text, matched = stopper.push(detokenizer.push(token))
-            yield Step(token, text)
-            if matched is not None:
-                yield Finish(
-                    reason="stop",
-                    completion_tokens=generated,
-                    stop_sequence=matched,
-                    prefill_seconds=prefilled - started,
-                    decode_seconds=time.perf_counter() - prefilled,
-                )
-                return
-            if generated >= budget:
-                break
-            logits = _forward(model, torch.tensor([token], device=device), cache)
-
-        tail, matched = stopper.push(detokenizer.flush())
-        if matched is None:
-            tail += stopper.flush()
-        yield Finish(
-            reason="stop" if matched is not None else reason,
-            completion_tokens=generated,
-            text=tail,
-            stop_sequence=matched,
-            prefill_seconds=prefilled - started,
-            decode_seconds=time.perf_counter() - prefilled,
-        )
+        items: queue.SimpleQueue[Started | Step | Finish | BaseException] = queue.SimpleQueue()
+        self.submit(prompt_ids, params, cancelled, items.put)
+        return _drain(items)
 
     def close(self) -> None:
-        """Drop the weights and release device memory."""
+        """Stop the step loop, drop the weights and release device memory."""
+        self._loop.close()
         device = self._model.embed_tokens.weight.device if self._model is not None else None
         self._model = None
         gc.collect()
@@ -519,7 +421,15 @@ class TorchModel:
             torch.cuda.empty_cache()
 
 
-@torch.inference_mode()
-def _forward(model: DecoderModel, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    logits: torch.Tensor = model(input_ids, [cache], [input_ids.shape[0]])
-    return logits
+def _drain(
+    items: queue.SimpleQueue[Started | Step | Finish | BaseException],
+) -> Iterator[Step | Finish]:
+    while True:
+        item = items.get()
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, Started):
+            continue
+        yield item
+        if isinstance(item, Finish):
+            return

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from neuron.engines.base import Finish, GenerationParams, ModelFiles, Step
-from neuron.engines.torch_engine import Sampler, TorchEngine, TorchModel, resolve_dtype
+from neuron.engines.torch_engine import TorchEngine, TorchModel, resolve_dtype
+from neuron.engines.torch_sampler import Sampler
 from neuron.errors import ChatTemplateError, ModelLoadError, ModelNotLoadedError
 from tests.support.tiny_models import TinyModel, build_tiny_llama
 
@@ -168,15 +169,26 @@ def test_context_length_is_never_exceeded(tiny: TinyModel, model: TorchModel) ->
     assert (full.reason, full.completion_tokens) == ("length", 0)
 
 
-def test_cancel_finishes_with_cancelled(model: TorchModel, prompt: list[int]) -> None:
+def test_cancel_finishes_with_cancelled_at_the_next_step(model: TorchModel,
+                                                         prompt: list[int]) -> None:
     cancelled = threading.Event()
-    gen = model.generate(prompt, GenerationParams(max_tokens=50, temperature=0), cancelled)
-    steps = [next(gen), next(gen), next(gen)]
-    cancelled.set()
-    rest = list(gen)
-    assert all(isinstance(s, Step) for s in steps)
-    assert len(rest) == 1 and isinstance(rest[0], Finish)
-    assert (rest[0].reason, rest[0].completion_tokens) == ("cancelled", 3)
+    seen: list[object] = []
+    done = threading.Event()
+
+    def emit(item: object) -> None:  # on the step loop's thread
+        seen.append(item)
+        if sum(isinstance(i, Step) for i in seen) == 3:
+            cancelled.set()  # as a client's cancel arriving after the third token
+        if isinstance(item, Finish | BaseException):
+            done.set()
+
+    model.submit(prompt, GenerationParams(max_tokens=50, temperature=0), cancelled, emit)
+    assert done.wait(30)
+    steps = [i for i in seen if isinstance(i, Step)]
+    assert len(steps) == 3  # not one token more: the slot was freed at the next step
+    finish = seen[-1]
+    assert isinstance(finish, Finish)
+    assert (finish.reason, finish.completion_tokens) == ("cancelled", 3)
     already = threading.Event()
     already.set()
     steps_before, finish = run(model, prompt, P(max_tokens=5), already)

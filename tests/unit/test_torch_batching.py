@@ -1,0 +1,197 @@
+"""Continuous batching in the torch engine: sequences submitted together decode in one forward
+pass per step (the step count proves it), each gives exactly its solo greedy output, a cancel
+takes effect at the next step, a long prompt is prefilled a chunk per step while the others keep
+decoding, and a batch beyond ``max_batch`` waits for a place."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from neuron.engines.base import STARTED, Finish, GenerationParams, Started, Step
+from neuron.engines.torch_engine import TorchEngine, TorchModel
+from tests.support.tiny_models import TinyModel, build_tiny_llama
+
+DTYPE = "float32"
+"""The exactness checks also run in bfloat16 (the CPU default) below."""
+
+
+def _ignore(fraction: float, what: str) -> None:
+    del fraction, what
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    return build_tiny_llama(tmp_path_factory.mktemp("batching"), context_length=1024)
+
+
+def _load(tiny: TinyModel, **engine: object) -> TorchModel:
+    return TorchEngine(dtype=DTYPE, **engine).load(  # type: ignore[arg-type]
+        tiny.safetensors_files(), _ignore)
+
+
+@pytest.fixture
+def model(tiny: TinyModel) -> Iterator[TorchModel]:
+    loaded = _load(tiny, prefill_chunk_tokens=16)
+    yield loaded
+    loaded.close()
+
+
+class Recorder:
+    """Collects one sequence's items as the step loop emits them."""
+
+    def __init__(self, name: str, log: list[tuple[str, object]] | None = None,
+                 cancel_after: int | None = None) -> None:
+        self.name = name
+        self.items: list[object] = []
+        self.done = threading.Event()
+        self.cancelled = threading.Event()
+        self._log = log
+        self._cancel_after = cancel_after
+
+    def __call__(self, item: Started | Step | Finish | BaseException) -> None:
+        self.items.append(item)
+        if self._log is not None:
+            self._log.append((self.name, item))
+        if self._cancel_after is not None and len(self.steps) == self._cancel_after:
+            self.cancelled.set()
+        if isinstance(item, Finish | BaseException):
+            self.done.set()
+
+    @property
+    def steps(self) -> list[Step]:
+        return [i for i in self.items if isinstance(i, Step)]
+
+    @property
+    def finish(self) -> Finish:
+        assert self.done.wait(60), f"{self.name} never finished"
+        last = self.items[-1]
+        assert isinstance(last, Finish), last
+        return last
+
+    def tokens(self) -> list[int]:
+        self.finish  # noqa: B018 - waits for the end
+        return [s.token_id for s in self.steps]
+
+
+def _prompts(model: TorchModel, n: int) -> list[list[int]]:
+    words = ["Paris", "France", "capital", "The", "is", "of", "cat", "sat"]
+    return [model.encode(" ".join(words[i % len(words):] + words[: i % len(words)]) * (1 + i % 3))
+            for i in range(n)]
+
+
+def _greedy(max_tokens: int) -> GenerationParams:
+    return GenerationParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=1.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_eight_sequences_decode_together_and_each_equals_its_solo_output(
+    tiny: TinyModel, dtype: str,
+) -> None:
+    model = TorchEngine(dtype=dtype, prefill_chunk_tokens=16).load(tiny.safetensors_files(),
+                                                                   _ignore)
+    try:
+        _check_batched_equals_solo(model)
+    finally:
+        model.close()
+
+
+def _check_batched_equals_solo(model: TorchModel) -> None:
+    prompts = _prompts(model, 8)
+    solo = []
+    for prompt in prompts:
+        alone = Recorder("solo")
+        model.submit(prompt, _greedy(24), alone.cancelled, alone)
+        solo.append(alone.tokens())
+    steps_before = model.batching.steps
+    together = [Recorder(f"s{i}") for i in range(8)]
+    for prompt, recorder in zip(prompts, together, strict=True):
+        model.submit(prompt, _greedy(24), recorder.cancelled, recorder)
+    batched = [r.tokens() for r in together]
+    assert batched == solo
+    assert [r.finish.completion_tokens for r in together] == [len(t) for t in solo]
+    steps = model.batching.steps - steps_before
+    # one after another they take a forward pass per prompt chunk and token (8 x 24 and more);
+    # together a few dozen (the submissions land within the first steps)
+    assert steps < 2 * (24 + 8), steps
+    assert model.batching.largest_batch >= 6
+
+
+def test_a_cancel_takes_effect_at_the_next_step_and_the_others_go_on(model: TorchModel) -> None:
+    prompts = _prompts(model, 4)
+    quitter = Recorder("quitter", cancel_after=5)
+    others = [Recorder(f"o{i}") for i in range(3)]
+    model.submit(prompts[0], _greedy(40), quitter.cancelled, quitter)
+    for prompt, recorder in zip(prompts[1:], others, strict=True):
+        model.submit(prompt, _greedy(40), recorder.cancelled, recorder)
+    assert (quitter.finish.reason, quitter.finish.completion_tokens) == ("cancelled", 5)
+    assert len(quitter.steps) == 5
+    for recorder in others:
+        assert recorder.finish.reason in ("length", "stop")
+        assert recorder.finish.completion_tokens > 5 or recorder.finish.reason == "stop"
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_the_others_decode(
+    model: TorchModel,
+) -> None:
+    log: list[tuple[str, object]] = []
+    short = Recorder("short", log)
+    model.submit(_prompts(model, 1)[0], _greedy(200), short.cancelled, short)
+    while len(short.steps) < 3:  # decoding has begun
+        short.done.wait(0.01)
+    long_prompt = (model.encode("The capital of France is Paris. ") * 40)[:320]
+    long = Recorder("long", log)
+    model.submit(long_prompt, _greedy(4), long.cancelled, long)
+    long.tokens()
+    short.cancelled.set()
+    short.finish  # noqa: B018 - waits for the end
+    joined = log.index(("long", STARTED))
+    first_long_token = next(i for i, (who, item) in enumerate(log)
+                            if who == "long" and isinstance(item, Step))
+    short_tokens_meanwhile = sum(1 for who, item in log[joined:first_long_token]
+                                 if who == "short" and isinstance(item, Step))
+    chunks = -(-len(long_prompt) // 16)
+    # one short token per step: the 320-token prompt took 20 steps of 16 tokens, not one stall
+    assert short_tokens_meanwhile >= chunks - 1
+
+
+def test_beyond_max_batch_sequences_wait_for_a_place(tiny: TinyModel) -> None:
+    model = _load(tiny, max_batch=2)
+    try:
+        recorders = [Recorder(f"r{i}") for i in range(5)]
+        for prompt, recorder in zip(_prompts(model, 5), recorders, strict=True):
+            model.submit(prompt, _greedy(8), recorder.cancelled, recorder)
+        assert all(r.finish.completion_tokens <= 8 for r in recorders)
+        assert model.batching.largest_batch == 2
+        assert model.batching.sequences == 5
+    finally:
+        model.close()
+
+
+def test_closing_the_model_ends_waiting_and_running_sequences(tiny: TinyModel) -> None:
+    model = _load(tiny, max_batch=1)
+    first, second = Recorder("first"), Recorder("second")
+    prompts = _prompts(model, 2)
+    model.submit(prompts[0], _greedy(500), first.cancelled, first)
+    model.submit(prompts[1], _greedy(500), second.cancelled, second)
+    model.close()
+    for recorder in (first, second):
+        assert recorder.done.wait(30)
+        last = recorder.items[-1]
+        assert isinstance(last, Finish | BaseException)
+
+
+def test_kv_caches_grow_past_their_first_allocation(tmp_path: Path) -> None:
+    tiny = build_tiny_llama(tmp_path, context_length=1024)
+    model = _load(tiny)
+    try:
+        recorder = Recorder("long-answer")
+        model.submit(model.encode("Paris"), _greedy(400), recorder.cancelled, recorder)
+        assert recorder.finish.completion_tokens in range(1, 401)
+        solo = list(model.generate(model.encode("Paris"), _greedy(400), threading.Event()))
+        assert [s.token_id for s in solo if isinstance(s, Step)] == recorder.tokens()
+    finally:
+        model.close()
