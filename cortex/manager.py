@@ -426,6 +426,8 @@ class FleetManager:
             return ApiError(Reason.PREFLIGHT_FAILED, message, code=reply.preflight.kind)
         if reply.code is ErrorCode.INSUFFICIENT_MEMORY:
             return ApiError(Reason.INSUFFICIENT_MEMORY, message)
+        if reply.code is ErrorCode.UNSUPPORTED_ARCHITECTURE:
+            return ApiError(Reason.UNSUPPORTED_ARCHITECTURE, message)
         return ApiError(Reason.LOAD_FAILED, message)
 
 

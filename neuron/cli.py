@@ -265,6 +265,11 @@ def build_engines(settings: NeuronSettings) -> dict[str, Engine]:
                     prefill_chunk_tokens=settings.prefill_chunk_tokens,
                     use_chat_template=settings.use_chat_template,
                     max_batch=settings.max_batch, threads=settings.torch_threads)
+            case "ctransformers":
+                from neuron.engines.ctransformers_engine import CTransformersEngine
+
+                engines[harness] = CTransformersEngine(
+                    threads=settings.torch_threads, use_chat_template=settings.use_chat_template)
             case _:
                 log.warning("harness '%s' is not available in this neuron; ignored", harness)
     return engines

@@ -51,7 +51,7 @@ from neuron.sources import no_source_message, parse_model_id
 ENV_PREFIX: Final = "NEURON_"
 DEFAULT_CONFIG_PATH: Final = Path("neuron.toml")
 #: Engines this neuron has.
-KNOWN_HARNESSES: Final = ("torch",)
+KNOWN_HARNESSES: Final = ("torch", "ctransformers")
 
 _TRUE: Final = frozenset({"true", "1", "yes", "on"})
 _FALSE: Final = frozenset({"false", "0", "no", "off"})
@@ -63,7 +63,7 @@ _PATH_PREFIXES: Final = ("/", "./", "../", "~")
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
-HarnessName = Literal["torch"]
+HarnessName = Literal["torch", "ctransformers"]
 
 
 class ConfigError(ValueError):

@@ -29,7 +29,12 @@ from bus_schema.messages import (
     UnloadRequest,
 )
 from neuron.engines.base import Engine
-from neuron.errors import AlreadyLoadedError, InsufficientMemoryError, NeuronError
+from neuron.errors import (
+    AlreadyLoadedError,
+    InsufficientMemoryError,
+    NeuronError,
+    UnsupportedArchitectureError,
+)
 from neuron.preflight import PreflightError
 from neuron.residency import Residency
 from neuron.runner import prepare_prompt
@@ -121,6 +126,9 @@ class ControlPlane:
         except PreflightError as exc:
             return ControlReply(status=422, code=ErrorCode.PREFLIGHT_FAILED, message=str(exc),
                                 preflight=exc.failure)
+        except UnsupportedArchitectureError as exc:
+            return ControlReply(status=422, code=ErrorCode.UNSUPPORTED_ARCHITECTURE,
+                                message=str(exc))
         except NeuronError as exc:
             return ControlReply(status=400, code=ErrorCode.LOAD_FAILED, message=str(exc))
         return self._loaded(model_id, "loaded")

@@ -113,7 +113,7 @@ class NeuronSettings:
     """Scheme -> source; a missing ``huggingface`` source is synthesized (cache ``hf_cache``)."""
     default_source: str = HF_SCHEME
     """Scheme for bare ``org/name`` ids."""
-    harnesses: tuple[str, ...] = ("torch",)
+    harnesses: tuple[str, ...] = ("torch", "ctransformers")
     """Enabled engines."""
     nats_credentials: Path | None = None
     """A NATS ``.creds`` file, if the server wants one."""
