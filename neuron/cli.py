@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import Annotated, Any, Literal, TextIO
 
 import cyclopts
 
@@ -252,6 +252,14 @@ def serve(
         return 1
 
 
+def _quantize(value: str) -> Literal["auto", "none", "int8"]:
+    match value:
+        case "auto" | "none" | "int8":
+            return value
+        case _:
+            raise ValueError(f"unknown quantize {value!r}; use auto, none or int8")
+
+
 def build_engines(settings: NeuronSettings) -> dict[str, Engine]:
     """The engines of the enabled harnesses (imported lazily: torch loads here)."""
     engines: dict[str, Engine] = {}
@@ -264,7 +272,8 @@ def build_engines(settings: NeuronSettings) -> dict[str, Engine]:
                     device=resolve_device(settings.device), dtype=settings.dtype,
                     prefill_chunk_tokens=settings.prefill_chunk_tokens,
                     use_chat_template=settings.use_chat_template,
-                    max_batch=settings.max_batch, threads=settings.torch_threads)
+                    max_batch=settings.max_batch, threads=settings.torch_threads,
+                    quantize=_quantize(settings.quantize))
             case "ctransformers":
                 from neuron.engines.ctransformers_engine import CTransformersEngine
 

@@ -151,6 +151,7 @@ class NeuronConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_jobs: PositiveInt = 64
     max_batch: PositiveInt = 32
     torch_threads: PositiveInt | None = None
+    quantize: Literal["auto", "none", "int8"] = "auto"
     heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
@@ -282,6 +283,7 @@ def settings_from_config(
         max_jobs=config.max_jobs,
         max_batch=config.max_batch,
         torch_threads=config.torch_threads,
+        quantize=config.quantize,
         max_prompt_tokens=config.max_prompt_tokens,
         prefill_chunk_tokens=config.prefill_chunk_tokens,
         drain_timeout_s=config.drain_timeout_s,

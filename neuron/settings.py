@@ -100,6 +100,8 @@ class NeuronSettings:
     memory_budget_mb: int | None = None
     max_batch: int = 32
     """Sequences one model runs at once (continuous batching); more wait for a place."""
+    quantize: str = "auto"
+    """``auto`` (int8 weights on a CPU without fast bfloat16), ``none`` or ``int8``."""
     torch_threads: int | None = None
     """torch's intra-op threads on the CPU; None: all cores but one (the event loop's)."""
     """Per device: how much the neuron may fill with models; None: half of the device

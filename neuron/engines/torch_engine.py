@@ -9,6 +9,7 @@ model's own thread, never from an event loop.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import torch
 
@@ -37,6 +38,7 @@ from neuron.engines.base import (
 )
 from neuron.engines.torch_batching import BatchLoop, BatchStats
 from neuron.engines.torch_decoder import DecoderModel
+from neuron.engines.torch_quant import cpu_has_fast_bf16, quantize_int8
 from neuron.engines.torch_weights import (
     GGUFFile,
     config_from_gguf,
@@ -61,6 +63,7 @@ _DTYPES: Final = {
 }
 # Share of the progress bar spent before the weights (config, tokenizer, template).
 _PREPARE_SHARE: Final = 0.05
+Quantize = Literal["auto", "none", "int8"]
 #: Reads a prepared model's weights, reporting progress in [0, 1].
 _WeightsLoader = Callable[[ProgressCallback], DecoderModel]
 
@@ -115,6 +118,7 @@ class TorchEngine:
         use_chat_template: bool = True,
         max_batch: int = 32,
         threads: int | None = None,
+        quantize: Quantize = "none",
     ) -> None:
         """Configure the engine.
 
@@ -127,6 +131,8 @@ class TorchEngine:
             max_batch: sequences one model runs at once (more wait for a place).
             threads: torch's intra-op threads on the CPU (None: all cores but one, so the event
                 loop and the bus keep a core under full load).
+            quantize: ``int8``: linear weights as int8 (CPU only; `neuron.engines.torch_quant`);
+                ``auto``: int8 on a CPU without fast bfloat16, else as ``dtype``; ``none``.
 
         Raises:
             ValueError: an unknown device or dtype, or a non-positive chunk size.
@@ -138,6 +144,10 @@ class TorchEngine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.use_chat_template = use_chat_template
         self.max_batch = max_batch
+        self.int8 = self.device.type == "cpu" and (
+            quantize == "int8" or (quantize == "auto" and not cpu_has_fast_bf16()))
+        if self.int8:
+            self.dtype = torch.bfloat16  # activations; linear weights become int8 after loading
         if self.device.type == "cpu":
             torch.set_num_threads(threads or cpu_threads())
 
@@ -168,6 +178,10 @@ class TorchEngine:
         template = self._chat_template(files, tokenizer_config, gguf_template, tokenizer)
         model = load_weights(weights_progress)
         info = _model_info(files, model, self.device, self.dtype)
+        if self.int8:
+            progress(0.99, "quantising weights to int8")
+            info = dataclasses.replace(info, memory_bytes=quantize_int8(model),
+                                       dtype="int8 (bfloat16 activations)")
         logger.info(
             "loaded %s (%s, %s, %.1fM parameters, %.0f MiB, %s on %s) in %.2f s",
             files.model_id,

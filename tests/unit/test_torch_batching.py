@@ -87,12 +87,14 @@ def _greedy(max_tokens: int) -> GenerationParams:
     return GenerationParams(max_tokens=max_tokens, temperature=0.0, repetition_penalty=1.0)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("dtype", "quantize"),
+                         [("float32", "none"), ("bfloat16", "none"), ("auto", "int8")])
 def test_eight_sequences_decode_together_and_each_equals_its_solo_output(
-    tiny: TinyModel, dtype: str,
+    tiny: TinyModel, dtype: str, quantize: str,
 ) -> None:
-    model = TorchEngine(dtype=dtype, prefill_chunk_tokens=16).load(tiny.safetensors_files(),
-                                                                   _ignore)
+    model = TorchEngine(dtype=dtype, prefill_chunk_tokens=16,
+                        quantize=quantize).load(tiny.safetensors_files(),  # type: ignore[arg-type]
+                                                _ignore)
     try:
         _check_batched_equals_solo(model)
     finally:
@@ -195,3 +197,29 @@ def test_kv_caches_grow_past_their_first_allocation(tmp_path: Path) -> None:
         assert [s.token_id for s in solo if isinstance(s, Step)] == recorder.tokens()
     finally:
         model.close()
+
+
+def test_short_prompts_arriving_together_are_prefilled_in_the_same_step(tiny: TinyModel) -> None:
+    model = _load(tiny, prefill_chunk_tokens=512)
+    try:
+        prompts = [model.encode("The cat sat") for _ in range(6)]
+        recorders = [Recorder(f"r{i}") for i in range(6)]
+        for prompt, recorder in zip(prompts, recorders, strict=True):
+            model.submit(prompt, _greedy(4), recorder.cancelled, recorder)
+        assert all(r.finish for r in recorders)
+        # six 3-token prompts fit one chunk: they joined together, so about 4 steps in all,
+        # not one prefill step each before decoding
+        assert model.batching.steps <= 4 + 6 // 2, model.batching.steps
+    finally:
+        model.close()
+
+
+def test_int8_weights_report_their_size_and_kind(tiny: TinyModel) -> None:
+    dense = TorchEngine(dtype="bfloat16").load(tiny.safetensors_files(), _ignore)
+    int8 = TorchEngine(quantize="int8").load(tiny.safetensors_files(), _ignore)
+    try:
+        assert int8.info.dtype == "int8 (bfloat16 activations)"
+        assert int8.info.memory_bytes < dense.info.memory_bytes
+    finally:
+        dense.close()
+        int8.close()
