@@ -1,7 +1,7 @@
 """Which models this neuron holds, and their lifecycle: resolve → admit → load → unload.
 
 Each resident model owns a single-thread executor: loading and all generation for that model run
-there, never on the event loop. Lifecycle changes are reported through an `ActivationSink` (the
+there, never on the event loop. Lifecycle changes are reported as `Lifecycle` events to a sink (the
 worker publishes them on the bus and the CLI draws progress bars from them); ``ready`` is the
 worker's to report, once the model's job subjects are subscribed.
 
@@ -35,8 +35,19 @@ from neuron.sources import ResolvedModel, default_served_name, resolve_model, se
 
 log = logging.getLogger(__name__)
 
-#: (event, model id, progress in [0, 1] or None, message)
-ActivationSink = Callable[[ActivationEventKind, str, float | None, str], None]
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    """A change in one model's life on this neuron (the worker publishes it as an `Activation`
+    and the CLI draws progress bars from it)."""
+
+    event: ActivationEventKind
+    model: str
+    progress: float | None = None
+    """In [0, 1] while loading."""
+    message: str = ""
+
+
+LifecycleSink = Callable[[Lifecycle], None]
 _PROGRESS_MIN_STEP = 0.02
 _PROGRESS_MIN_INTERVAL_S = 0.25
 
@@ -104,7 +115,7 @@ class Residency:
     def __init__(
         self,
         engines: Mapping[str, Engine],
-        sink: ActivationSink,
+        sink: LifecycleSink,
         *,
         hf_cache: Path | None = None,
         sources: Mapping[str, Source] | None = None,
@@ -164,7 +175,7 @@ class Residency:
         )
         self._slots[model_id] = slot
         loop = asyncio.get_running_loop()
-        self._sink("queued", model_id, 0.0, spec.source)
+        self._sink(Lifecycle("queued", model_id, 0.0, spec.source))
         started = time.monotonic()
         try:
             resolved: ResolvedModel = await loop.run_in_executor(
@@ -177,7 +188,7 @@ class Residency:
             if admission.refusal is not None:
                 raise InsufficientMemoryError(admission.refusal, need_mb=need)
             slot.memory_mb, slot.device_index = need, admission.device
-            self._sink("started", model_id, 0.0, str(resolved.files.weights[0]))
+            self._sink(Lifecycle("started", model_id, 0.0, str(resolved.files.weights[0])))
             progress = _ProgressRelay(loop, slot, self._sink)
             slot.model = await loop.run_in_executor(
                 slot.executor, self._engine(spec).load, resolved.files, progress
@@ -185,7 +196,7 @@ class Residency:
         except BaseException as exc:  # reported as `failed`, then re-raised
             del self._slots[model_id]
             slot.executor.shutdown(wait=False)
-            self._sink("failed", model_id, None, str(exc) or type(exc).__name__)
+            self._sink(Lifecycle("failed", model_id, None, str(exc) or type(exc).__name__))
             raise
         slot.status = "loaded"
         slot.progress = 1.0
@@ -247,7 +258,7 @@ class Residency:
         if model is not None:
             await asyncio.get_running_loop().run_in_executor(slot.executor, model.close)
         slot.executor.shutdown(wait=False)
-        self._sink(event, model_id, None, "")
+        self._sink(Lifecycle(event, model_id, None, ""))
 
     async def close(self) -> None:
         for model_id in list(self._slots):
@@ -258,7 +269,7 @@ class _ProgressRelay:
     """Called on the loading thread; forwards throttled progress to the event loop."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, slot: ModelSlot, sink: ActivationSink
+        self, loop: asyncio.AbstractEventLoop, slot: ModelSlot, sink: LifecycleSink
     ) -> None:
         self._loop = loop
         self._slot = slot
@@ -279,4 +290,4 @@ class _ProgressRelay:
 
     def _emit(self, fraction: float, message: str) -> None:
         self._slot.progress = fraction
-        self._sink("progress", self._slot.model_id, fraction, message)
+        self._sink(Lifecycle("progress", self._slot.model_id, fraction, message))

@@ -54,7 +54,7 @@ from neuron.errors import (
     NeuronError,
 )
 from neuron.memory import MemoryBook
-from neuron.residency import Residency, served_id
+from neuron.residency import Lifecycle, Residency, served_id
 from neuron.runner import JobRunner
 from neuron.settings import ModelSpec, NeuronSettings
 
@@ -82,7 +82,7 @@ class Worker:
         self._nc: NatsClient | None = None
         self._service: Service | None = None
         self._residency = Residency(
-            self._engines, self._activation, hf_cache=settings.hf_cache, sources=settings.sources,
+            self._engines, self._lifecycle, hf_cache=settings.hf_cache, sources=settings.sources,
             default_source=settings.default_source,
             memory=MemoryBook(budget_mb=settings.memory_budget_mb),
             device=resolve_device(settings.device),
@@ -352,6 +352,9 @@ class Worker:
     async def _handle_discover(self, msg: Msg) -> None:
         if msg.reply:
             await self.nc.publish(msg.reply, codec.encode(self._beat()))
+
+    def _lifecycle(self, change: Lifecycle) -> None:
+        self._activation(change.event, change.model, change.progress, change.message)
 
     def _activation(
         self, event: ActivationEventKind, model: str | None, progress: float | None, message: str
