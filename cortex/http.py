@@ -38,6 +38,8 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
                           param=field) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("request body is nested too deeply") from None
 
 
 def json_response(

@@ -4,9 +4,15 @@ generator."""
 
 from __future__ import annotations
 
+from typing import Final
+
 import torch
 
 from neuron.engines.base import GenerationParams
+
+#: Temperatures below this sample greedily (dividing by them overflows float32).
+_GREEDY_BELOW: Final = 1e-4
+_LOGIT_LIMIT: Final = 3.0e38
 
 
 class Sampler:
@@ -46,9 +52,13 @@ class Sampler:
             logits[self._vocab_limit :] = float("-inf")
         if self._history:
             self._apply_penalties(logits)
-        if params.temperature <= 0:
-            return int(torch.argmax(logits))
-        logits = logits / params.temperature
+        # Untrusted extremes (a penalty of 1e-30, a temperature of 1e-40) must not reach the
+        # softmax as inf or NaN: near-zero temperatures are greedy, and scaled logits are
+        # clamped to what float32 holds.
+        if params.temperature <= _GREEDY_BELOW or not bool(torch.isfinite(logits).any()):
+            return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))
+        logits = torch.nan_to_num(logits / params.temperature, nan=float("-inf"),
+                                  posinf=_LOGIT_LIMIT, neginf=float("-inf"))
         vocab = logits.shape[-1]
         if 0 < params.top_k < vocab:
             values, indices = torch.topk(logits, params.top_k)
