@@ -27,7 +27,15 @@ from typing import Final
 import torch
 
 from neuron.detokenize import IncrementalDetokenizer, StopMatcher
-from neuron.engines.base import STARTED, Emit, Finish, FinishReason, GenerationParams, Step
+from neuron.engines.base import (
+    STARTED,
+    Emit,
+    Finish,
+    FinishReason,
+    GenerationParams,
+    Started,
+    Step,
+)
 from neuron.engines.torch_decoder import DecoderModel, KVCache
 from neuron.engines.torch_sampler import Sampler
 from neuron.errors import ModelNotLoadedError
@@ -163,16 +171,16 @@ class BatchLoop:
                 self._active.clear()
                 self._queue.clear()
             for gone in left:
-                gone.emit(ModelNotLoadedError("the model was unloaded"))
+                _emit(gone, ModelNotLoadedError("the model was unloaded"))
 
     def _join(self, new: _Submitted) -> None:
         """Start a sequence: its cache, sampler, detokenizer and stop matcher."""
         context = self._model.config.context_length
         budget = min(new.params.max_tokens, context - len(new.prompt))
         self.stats.sequences += 1
-        new.emit(STARTED)
+        _emit(new, STARTED)
         if budget <= 0:
-            new.emit(Finish(reason="length", completion_tokens=0))
+            _emit(new, Finish(reason="length", completion_tokens=0))
             return
         capacity = min(len(new.prompt) + min(budget, _CACHE_HEADROOM), context)
         self._active.append(_Sequence(
@@ -190,7 +198,7 @@ class BatchLoop:
             log.exception("a batched step failed; failing its %d sequences", len(self._active))
             failed, self._active = self._active, []
             for s in failed:
-                s.emit(exc)
+                _emit(s, exc)
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -246,7 +254,7 @@ class BatchLoop:
         s.generated += 1
         s.sampler.record(token)
         text, matched = s.stopper.push(s.detokenizer.push(token))
-        s.emit(Step(token, text))
+        _emit(s, Step(token, text))
         if matched is not None:
             self._finish(s, "stop", matched=matched)
         elif s.generated >= s.budget:
@@ -265,7 +273,7 @@ class BatchLoop:
                 reason = "stop"
         now = time.perf_counter()
         prefilled = s.prefilled or now
-        s.emit(Finish(reason=reason, completion_tokens=s.generated, text=tail,
+        _emit(s, Finish(reason=reason, completion_tokens=s.generated, text=tail,
                       stop_sequence=matched, prefill_seconds=prefilled - s.started,
                       decode_seconds=now - prefilled))
 
@@ -276,3 +284,13 @@ def _reserve(s: _Sequence, count: int) -> None:
     cache = s.cache
     if cache.length + count > cache.capacity:
         cache.grow(min(max(cache.length + count, 2 * cache.capacity), len(s.prompt) + s.budget))
+
+
+def _emit(s: _Submitted | _Sequence, item: Started | Step | Finish | BaseException) -> None:
+    """Hand ``item`` to its sequence's listener; a listener that fails (its event loop is gone)
+    cancels its own sequence and never stops the loop for the others."""
+    try:
+        s.emit(item)
+    except Exception:  # logged; the sequence is cancelled at the next step
+        log.exception("a sequence's listener failed; cancelling that sequence")
+        s.cancelled.set()
