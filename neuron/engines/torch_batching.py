@@ -10,8 +10,8 @@ ones leave at once and free their cache. Each sequence keeps its own sampler, de
 stop matcher, so its output is the same whether it runs alone or in a batch (tests check it for
 float32, bfloat16 and int8 weights).
 
-A failure inside a step fails every sequence in it (they share the forward pass); the loop goes
-on with the next.
+A failure of the forward pass fails every sequence in it (they share it); a failure in one
+sequence's sampling or text handling fails that sequence alone. The loop goes on either way.
 """
 
 from __future__ import annotations
@@ -238,12 +238,22 @@ class BatchLoop:
         self.stats.batch_sizes[len(caches)] += 1
         for row, s in enumerate(decoding):
             s.pending = None
-            self._advance(s, logits[row])
+            self._advance_or_fail(s, logits[row])
         for row, (s, take) in enumerate(prefilling, start=len(decoding)):
             s.fed += take
             if s.fed == len(s.prompt):
                 s.prefilled = time.perf_counter()
-                self._advance(s, logits[row])
+                self._advance_or_fail(s, logits[row])
+
+    def _advance_or_fail(self, s: _Sequence, logits: torch.Tensor) -> None:
+        """`_advance`, failing only ``s`` if its own sampling or text handling fails."""
+        try:
+            self._advance(s, logits)
+        except Exception as exc:  # reported to that sequence alone
+            log.exception("a sequence failed while sampling; the others go on")
+            if s in self._active:
+                self._active.remove(s)
+            _emit(s, exc)
 
     def _advance(self, s: _Sequence, logits: torch.Tensor) -> None:
         """Sample ``s``'s next token and report it (or finish)."""

@@ -223,3 +223,27 @@ def test_int8_weights_report_their_size_and_kind(tiny: TinyModel) -> None:
     finally:
         dense.close()
         int8.close()
+
+
+def test_a_failing_listener_cancels_only_its_own_sequence(model: TorchModel) -> None:
+    prompts = _prompts(model, 3)
+    seen: list[object] = []
+    broken_done = threading.Event()
+
+    def broken(item: object) -> None:
+        seen.append(item)
+        if isinstance(item, Finish | BaseException):
+            broken_done.set()
+        if isinstance(item, Step):
+            raise RuntimeError("the listener's event loop is gone")
+
+    model.submit(prompts[0], _greedy(30), threading.Event(), broken)
+    others = [Recorder(f"o{i}") for i in range(2)]
+    for prompt, recorder in zip(prompts[1:], others, strict=True):
+        model.submit(prompt, _greedy(30), recorder.cancelled, recorder)
+    assert broken_done.wait(30)
+    last = seen[-1]
+    assert isinstance(last, Finish) and last.reason == "cancelled"
+    assert sum(isinstance(i, Step) for i in seen) == 1
+    for recorder in others:
+        assert recorder.finish.reason in ("length", "stop")
