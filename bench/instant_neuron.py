@@ -30,10 +30,9 @@ from neuron.engines.base import (
     ModelInfo,
     ProgressCallback,
     Step,
-    TemplateMessage,
-    TemplateValue,
 )
 from neuron.settings import ModelSpec, NeuronSettings
+from neuron.text.chat_template import TemplateMessage, TemplateValue
 from neuron.worker import Worker
 
 MODEL_ID: Final = "bench/instant"

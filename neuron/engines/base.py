@@ -15,13 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal, Protocol, runtime_checkable
 
+from neuron.text.chat_template import TemplateMessage, TemplateValue
+
 ModelFormat = Literal["safetensors", "gguf"]
 FinishReason = Literal["stop", "length", "cancelled"]
 
-#: A chat message as a jinja chat template consumes it (role, content, tool_calls, ...).
-TemplateMessage = Mapping[str, object]
-#: Scalar template kwargs such as ``enable_thinking``.
-TemplateValue = str | int | float | bool | None
 #: Called with a fraction in [0, 1] and a short description while a model loads.
 ProgressCallback = Callable[[float, str], None]
 

@@ -56,8 +56,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final, Literal, Protocol
 
-from neuron.chat_template import ChatTemplate
-from neuron.detokenize import IncrementalDetokenizer, StopMatcher
 from neuron.engines import ctransformers_worker as proto
 from neuron.engines.base import (
     Finish,
@@ -67,8 +65,6 @@ from neuron.engines.base import (
     ModelInfo,
     ProgressCallback,
     Step,
-    TemplateMessage,
-    TemplateValue,
 )
 from neuron.errors import (
     ChatTemplateError,
@@ -77,7 +73,9 @@ from neuron.errors import (
     NeuronError,
     UnsupportedArchitectureError,
 )
-from neuron.tokenizer import CHATML_STOP_TOKENS, GGUFMetadata, gguf_value
+from neuron.text.chat_template import ChatTemplate, TemplateMessage, TemplateValue
+from neuron.text.detokenize import IncrementalDetokenizer, StopMatcher
+from neuron.text.tokenizer import CHATML_STOP_TOKENS, GGUFMetadata, gguf_value
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ from typing import Final
 
 import torch
 
-from neuron.detokenize import IncrementalDetokenizer, StopMatcher
 from neuron.engines.base import (
     STARTED,
     Emit,
@@ -39,6 +38,7 @@ from neuron.engines.base import (
 from neuron.engines.torch_decoder import DecoderModel, KVCache
 from neuron.engines.torch_sampler import Sampler
 from neuron.errors import ModelNotLoadedError
+from neuron.text.detokenize import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ from typing import Final, Literal
 
 import torch
 
-from neuron.chat_template import ChatTemplate
 from neuron.engines.base import (
     Emit,
     Finish,
@@ -33,8 +32,6 @@ from neuron.engines.base import (
     ProgressCallback,
     Started,
     Step,
-    TemplateMessage,
-    TemplateValue,
 )
 from neuron.engines.torch_batching import BatchLoop, BatchStats
 from neuron.engines.torch_decoder import DecoderModel
@@ -47,7 +44,8 @@ from neuron.engines.torch_weights import (
     load_safetensors,
 )
 from neuron.errors import ChatTemplateError, ModelLoadError, ModelNotLoadedError
-from neuron.tokenizer import Tokenizer, gguf_value
+from neuron.text.chat_template import ChatTemplate, TemplateMessage, TemplateValue
+from neuron.text.tokenizer import Tokenizer, gguf_value
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from neuron.engines.torch_decoder import (
     rope_inverse_frequencies,
 )
 from neuron.errors import ModelLoadError, UnsupportedArchitectureError
-from neuron.tokenizer import GGUFMetadata, gguf_value
+from neuron.text.tokenizer import GGUFMetadata, gguf_value
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import pytest
 from anthropic.types import MessageParam, TextBlock, ThinkingBlock, ToolParam, ToolUseBlock
 
 from cortex.embedded_nats import EmbeddedNatsServer
-from neuron.detokenize import StopMatcher
 from neuron.engines.base import Finish, GenerationParams, ModelFiles, ProgressCallback, Step
 from neuron.settings import ModelSpec, NeuronSettings
+from neuron.text.detokenize import StopMatcher
 from tests.support.scripted_engine import Script, ScriptedEngine, ScriptedModel
 from tests.support.stack import LocalStack
 

@@ -17,10 +17,9 @@ from neuron.engines.base import (
     ModelInfo,
     ProgressCallback,
     Step,
-    TemplateMessage,
-    TemplateValue,
 )
 from neuron.errors import ChatTemplateError
+from neuron.text.chat_template import TemplateMessage, TemplateValue
 
 
 @dataclass

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from neuron.chat_template import ChatTemplate
 from neuron.errors import ChatTemplateError
+from neuron.text.chat_template import ChatTemplate
 
 USER = [{"role": "user", "content": "Hi"}]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuron.detokenize import REPLACEMENT_CHAR, IncrementalDetokenizer, StopMatcher
-from neuron.tokenizer import Tokenizer
+from neuron.text.detokenize import REPLACEMENT_CHAR, IncrementalDetokenizer, StopMatcher
+from neuron.text.tokenizer import Tokenizer
 from tests.support.tiny_models import train_tokenizer
 
 

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuron.detokenize import IncrementalDetokenizer
 from neuron.output_router import (
     OutputRouter,
     Piece,
@@ -22,7 +21,8 @@ from neuron.output_router import (
     ToolCallPiece,
     prompt_opens_reasoning,
 )
-from neuron.tokenizer import Tokenizer
+from neuron.text.detokenize import IncrementalDetokenizer
+from neuron.text.tokenizer import Tokenizer
 from tests.conftest import smollm2_path
 from tests.support.tiny_models import train_tokenizer
 

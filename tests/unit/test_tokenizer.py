@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neuron.errors import ModelLoadError, UnsupportedArchitectureError
-from neuron.tokenizer import Tokenizer, gguf_value
+from neuron.text.tokenizer import Tokenizer, gguf_value
 from tests.support.tiny_models import TinyModel, build_tiny_llama
 
 CORPUS = (

@@ -22,8 +22,12 @@ import jinja2.nodes
 import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from neuron.engines.base import TemplateMessage, TemplateValue
 from neuron.errors import ChatTemplateError
+
+#: A chat message as a jinja chat template consumes it (role, content, tool_calls, ...).
+TemplateMessage = Mapping[str, object]
+#: Scalar template kwargs such as ``enable_thinking``.
+TemplateValue = str | int | float | bool | None
 
 logger = logging.getLogger(__name__)
 
