@@ -53,7 +53,8 @@ def _model(worker: Worker) -> TorchModel:
 
 
 async def _run(nc: Client, root: str, text: str, max_tokens: int,
-               job_id: str | None = None) -> list[messages.JobEvent]:
+               job_id: str | None = None,
+               first_chunk: asyncio.Event | None = None) -> list[messages.JobEvent]:
     job = messages.JobRequest(
         job_id=job_id or uuid.uuid4().hex, model=MODEL,
         messages=(messages.ChatMessage(role="user", content=text),),
@@ -67,6 +68,8 @@ async def _run(nc: Client, root: str, text: str, max_tokens: int,
     async with asyncio.timeout(60):
         while not events or not isinstance(events[-1], messages.JobFinished | messages.JobFailed):
             events.append(codec.decode_job_event((await sub.next_msg(timeout=30)).data))
+            if first_chunk is not None and isinstance(events[-1], messages.TokenChunk):
+                first_chunk.set()
     await sub.unsubscribe()
     return events
 
@@ -98,9 +101,11 @@ async def test_a_cancelled_job_stops_and_the_others_finish(
     worker: Worker, client: Client, subject_root: str,
 ) -> None:
     quitter_id = uuid.uuid4().hex
-    quitter = asyncio.ensure_future(_run(client, subject_root, PROMPTS[0], 200, quitter_id))
+    streaming = asyncio.Event()
+    quitter = asyncio.ensure_future(_run(client, subject_root, PROMPTS[0], 200, quitter_id,
+                                         streaming))
     others = [asyncio.ensure_future(_run(client, subject_root, p, 40)) for p in PROMPTS[1:4]]
-    await asyncio.sleep(0.3)
+    await streaming.wait()  # its first tokens are out: cancel it mid-stream
     reply = await client.request(subjects.control_subject(NODE, "cancel", root=subject_root),
                                  codec.encode(messages.CancelJob(job_id=quitter_id)), timeout=5)
     assert codec.decode_control_reply(reply.data).status == 200
