@@ -30,6 +30,10 @@ JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 NodeName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^.*>\s]+$")]
 Seq = Annotated[int, msgspec.Meta(ge=0)]
+#: A short free-text field read from the bus (names, messages): bounded like everything else.
+ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
+#: Most entries a fleet message may list (models, devices, activation ids).
+MAX_LISTED = 1024
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 #: Seconds since the Unix epoch.
 Timestamp = float
@@ -204,9 +208,9 @@ JobEvent = JobAccepted | TokenChunk | JobFinished | JobFailed
 
 
 class Device(msgspec.Struct, frozen=True, kw_only=True):
-    index: NonNegInt
+    index: Annotated[int, msgspec.Meta(ge=0, le=MAX_LISTED)]
     kind: Literal["cpu", "cuda", "mps"]
-    name: str
+    name: Annotated[str, msgspec.Meta(max_length=256)]
     memory_total_mb: NonNegInt
     memory_free_mb: NonNegInt
     """Physical free memory (CUDA: ``torch.cuda.mem_get_info``; CPU: MemAvailable)."""
@@ -217,7 +221,7 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class HostInfo(msgspec.Struct, frozen=True, kw_only=True):
-    hostname: str
+    hostname: Annotated[str, msgspec.Meta(max_length=256)]
     cpu_count: NonNegInt
     memory_total_mb: NonNegInt
     memory_available_mb: NonNegInt
@@ -252,18 +256,18 @@ class ResidentModel(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class FailedActivation(msgspec.Struct, frozen=True, kw_only=True):
-    model_id: str
-    error: str
+    model_id: ModelId
+    error: ShortText
 
 
 class ActivationState(msgspec.Struct, frozen=True, kw_only=True):
     """Pre-warm progress of the neuron's default models (REFERENCE §2.3)."""
 
     state: Literal["pre_warming", "ready"] = "ready"
-    pending: tuple[str, ...] = ()
-    in_progress: tuple[str, ...] = ()
-    completed: tuple[str, ...] = ()
-    failed: tuple[FailedActivation, ...] = ()
+    pending: Annotated[tuple[ModelId, ...], msgspec.Meta(max_length=MAX_LISTED)] = ()
+    in_progress: Annotated[tuple[ModelId, ...], msgspec.Meta(max_length=MAX_LISTED)] = ()
+    completed: Annotated[tuple[ModelId, ...], msgspec.Meta(max_length=MAX_LISTED)] = ()
+    failed: Annotated[tuple[FailedActivation, ...], msgspec.Meta(max_length=MAX_LISTED)] = ()
 
 
 class Heartbeat(BusMessage, frozen=True, tag="heartbeat", kw_only=True):
@@ -273,13 +277,14 @@ class Heartbeat(BusMessage, frozen=True, tag="heartbeat", kw_only=True):
     seq: Seq
     """Counts heartbeats since the neuron started; a restart resets it."""
     sent_at: Timestamp
-    interval_s: Annotated[float, msgspec.Meta(gt=0.0)]
+    interval_s: Annotated[float, msgspec.Meta(ge=0.05, le=60.0)]
+    """Bounded: a node claiming a tiny interval would flap, a huge one would never go stale."""
     started_at: Timestamp
     protocol: int = PROTOCOL_VERSION
     version: str = ""
     host: HostInfo | None = None
-    devices: tuple[Device, ...] = ()
-    models: tuple[ResidentModel, ...] = ()
+    devices: Annotated[tuple[Device, ...], msgspec.Meta(max_length=64)] = ()
+    models: Annotated[tuple[ResidentModel, ...], msgspec.Meta(max_length=MAX_LISTED)] = ()
     activation: ActivationState = msgspec.field(default_factory=ActivationState)
     jobs_running: NonNegInt = 0
     max_jobs: NonNegInt = 0
@@ -301,7 +306,7 @@ class Activation(BusMessage, frozen=True, tag="activation", kw_only=True):
     """None for node-wide events (draining, stopping)."""
     at: Timestamp
     progress: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
-    message: str = ""
+    message: ShortText = ""
 
 
 class DiscoverRequest(BusMessage, frozen=True, tag="discover", kw_only=True):

@@ -50,3 +50,5 @@ class NodeCounts(msgspec.Struct, frozen=True):
 class Health(msgspec.Struct, frozen=True):
     status: Literal["ok", "degraded"]
     nodes: NodeCounts
+    bus: Literal["connected", "down"] = "connected"
+    """Ours: whether this gateway is connected to NATS (REFERENCE's fields unchanged)."""

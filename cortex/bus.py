@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import nats
@@ -208,9 +208,17 @@ class JobStream:
 class GatewayBus:
     """One NATS connection for a gateway: fleet view upkeep and job submission."""
 
-    def __init__(self, settings: GatewaySettings, fleet: FleetView) -> None:
+    def __init__(
+        self, settings: GatewaySettings, fleet: FleetView, *,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_lost`` is called if the NATS connection closes for good while the gateway is not
+        shutting down (nats-py gives up only on fatal errors): a gateway cut off from its bus
+        must exit so its supervisor restarts it, not answer every request with an error."""
         self.settings = settings
         self.fleet = fleet
+        self._on_lost = on_lost
+        self.lost = False
         self._nc: NatsClient | None = None
         self._inbox = f"_INBOX.{settings.gateway_id}"
         self._streams: dict[str, JobStream] = {}
@@ -405,4 +413,10 @@ class GatewayBus:
         await self.discover()
 
     async def _on_closed(self) -> None:
-        log.info("NATS connection closed")
+        if self._closing:
+            log.info("NATS connection closed")
+            return
+        self.lost = True
+        log.error("the NATS connection closed for good; this gateway cannot serve without it")
+        if self._on_lost is not None:
+            self._on_lost()

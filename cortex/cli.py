@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -154,13 +155,22 @@ def serve(
     try:
         settings = replace(settings, nats_url=url)
         fleet = FleetView(allowed=settings.allowed_nodes)
-        app = create_app(settings, bus=GatewayBus(settings, fleet))
+        bus = GatewayBus(settings, fleet, on_lost=_stop_serving)
+        app = create_app(settings, bus=bus)
         uvicorn.run(app, host=settings.host, port=settings.port,
                     log_level=log_level, lifespan="on", log_config=None)
     finally:
         if embedded is not None:
             embedded.stop()
+    if bus.lost:
+        log.error("exiting with status 1: the bus connection was lost for good")
+        return 1
     return 0
+
+
+def _stop_serving() -> None:
+    """Stop uvicorn as a SIGTERM would (it shuts down gracefully, then `serve` exits non-zero)."""
+    signal.raise_signal(signal.SIGTERM)
 
 
 @app.command(name="check-config")

@@ -20,6 +20,11 @@ from bus_schema.messages import Activation, FleetEvent, Heartbeat, ResidentModel
 log = logging.getLogger(__name__)
 
 STALE_AFTER_BEATS = 3.0
+#: A node silent this long (or 100 intervals, if longer) is forgotten altogether: departed and
+#: forged nodes do not stay in the view for ever.
+FORGET_AFTER_S = 300.0
+#: Most nodes the view holds; heartbeats from further new nodes are dropped.
+MAX_NODES = 4096
 
 
 @dataclass
@@ -89,6 +94,11 @@ class FleetView:
         now = self._clock()
         match event:
             case Heartbeat():
+                if event.node not in self._nodes and len(self._nodes) >= MAX_NODES:
+                    self._forget_departed(now)
+                    if len(self._nodes) >= MAX_NODES:
+                        self._warn_full(event.node)
+                        return
                 self._nodes[event.node] = NodeView(
                     heartbeat=event,
                     received_at=now,
@@ -98,6 +108,18 @@ class FleetView:
             case Activation():
                 self._apply_activation(event)
         self._changed()
+
+    def _forget_departed(self, now: float) -> None:
+        for name, view in list(self._nodes.items()):
+            if now - view.received_at > max(FORGET_AFTER_S, 100 * view.heartbeat.interval_s):
+                del self._nodes[name]
+                log.info("forgot node '%s': silent for %.0fs", name, now - view.received_at)
+
+    def _warn_full(self, node: str) -> None:
+        if len(self._refused) < 1024 and node not in self._refused:
+            self._refused.add(node)
+            log.warning("ignoring node '%s': the fleet view already holds %d nodes", node,
+                        MAX_NODES)
 
     def mark_loaded(self, node: str, model: str, *, memory_mb: int | None, pinned: bool) -> None:
         """A load this gateway asked for succeeded: routable at once (REFERENCE §5.2), before the
@@ -143,6 +165,8 @@ class FleetView:
             )
 
     def nodes(self) -> list[NodeView]:
+        """Every node heard from recently enough to remember (see `FORGET_AFTER_S`)."""
+        self._forget_departed(self._clock())
         return sorted(self._nodes.values(), key=lambda n: n.name)
 
     def node(self, name: str) -> NodeView | None:

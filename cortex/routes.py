@@ -94,10 +94,20 @@ def handlers(gw: Gateway) -> list[HTTPRouteHandler]:
 
     @get(["/health", "/"], sync_to_thread=False)
     def health() -> Response[bytes]:
+        """Always 200 (REFERENCE §4); ``degraded`` with no healthy node or no bus."""
         healthy, total = bus.fleet.health()
-        return json_response(_encoder.encode(
-            Health(status="ok" if healthy else "degraded", nodes=NodeCounts(healthy, total))
-        ))
+        connected = bus.connected
+        return json_response(_encoder.encode(Health(
+            status="ok" if healthy and connected else "degraded",
+            nodes=NodeCounts(healthy, total), bus="connected" if connected else "down",
+        )))
+
+    @get("/ready", sync_to_thread=False)
+    def ready() -> Response[bytes]:
+        """For load balancers and orchestrators: 503 while the bus is down."""
+        connected = bus.connected
+        return json_response(_encoder.encode({"ready": connected}),
+                             status=200 if connected else 503)
 
     @get("/v1/models", sync_to_thread=False)
     def list_models() -> Response[bytes]:
@@ -119,4 +129,4 @@ def handlers(gw: Gateway) -> list[HTTPRouteHandler]:
         return json_response(_encoder.encode(
             msgspec.structs.replace(card, id=asked, display_name=asked)))
 
-    return [health, list_models, get_model]
+    return [health, ready, list_models, get_model]

@@ -291,18 +291,24 @@ async def _serve(settings: NeuronSettings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await worker.start()
+    lost = asyncio.ensure_future(worker.lost.wait())
     try:
         stopping = asyncio.ensure_future(stop.wait())
         prewarmed = asyncio.ensure_future(worker.ready.wait())
-        await asyncio.wait({stopping, prewarmed}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({stopping, prewarmed, lost}, return_when=asyncio.FIRST_COMPLETED)
         prewarmed.cancel()
         if worker.ready.is_set() and settings.models and not worker.residency.loaded():
             log.error("none of the start-up models could be loaded; exiting")
             stopping.cancel()
             return 1
-        await stopping
+        await asyncio.wait({stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
     finally:
+        lost.cancel()
         await worker.shutdown()
+    if worker.lost.is_set():
+        log.error("exiting with status 1: the bus connection was lost for good")
+        return 1
     return 0
 
 

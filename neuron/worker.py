@@ -102,6 +102,10 @@ class Worker:
         self._failed: list[FailedActivation] = []
         self.ready = asyncio.Event()
         """Set once every start-up model has been loaded or has failed."""
+        self.lost = asyncio.Event()
+        """Set if the NATS connection closes for good outside a shutdown: the process should
+        exit non-zero so its supervisor restarts it."""
+        self._stopping = False
 
     @property
     def residency(self) -> Residency:
@@ -155,6 +159,7 @@ class Worker:
         """Stop taking jobs, finish running ones within the drain timeout, leave the bus."""
         if self._nc is None:
             return
+        self._stopping = True
         self._activation("stopping", None, None, "")
         await self._stop_taking_jobs()
         if not await self._runner.wait_idle(self.settings.drain_timeout_s):
@@ -198,7 +203,8 @@ class Worker:
                 await self.load(spec)
             except NeuronError as exc:
                 log.error("start-up model %s failed to load: %s", spec.source, exc)
-                self._failed.append(FailedActivation(model_id=spec.source, error=str(exc)))
+                self._failed.append(FailedActivation(model_id=spec.source[:512],
+                                                     error=str(exc)[:4000]))
             else:
                 self._completed.append(spec.source)
             finally:
@@ -361,7 +367,7 @@ class Worker:
     ) -> None:
         activation = Activation(
             node=self.settings.name, event=event, model=model, at=time.time(),
-            progress=progress, message=message,
+            progress=progress, message=message[:4000],  # gateways refuse longer messages
         )
         if self._on_activation is not None:
             self._on_activation(activation)
@@ -414,4 +420,8 @@ class Worker:
         await self._publish_heartbeat()
 
     async def _on_closed(self) -> None:
-        log.info("NATS connection closed")
+        if self._stopping:
+            log.info("NATS connection closed")
+            return
+        log.error("the NATS connection closed for good; this neuron cannot serve without it")
+        self.lost.set()

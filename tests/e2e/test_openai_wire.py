@@ -179,7 +179,10 @@ def test_models_lists_the_resident_model(client: openai.OpenAI, stack: LocalStac
 def test_health_counts_nodes(stack: LocalStack) -> None:
     for path in ("/health", "/"):
         response = httpx.get(f"{stack.base_url}{path}", timeout=5)
-        assert response.json() == {"status": "ok", "nodes": {"healthy": 1, "total": 1}}
+        assert response.json() == {"status": "ok", "nodes": {"healthy": 1, "total": 1},
+                                   "bus": "connected"}
+    ready = httpx.get(f"{stack.base_url}/ready", timeout=5)
+    assert (ready.status_code, ready.json()) == (200, {"ready": True})
 
 
 def test_disconnect_mid_stream_cancels_the_job_on_the_neuron(
