@@ -16,7 +16,7 @@ from litestar.handlers import HTTPRouteHandler
 
 from bus_schema.messages import Device, ModelId, NodeName
 from cortex.context import Gateway
-from cortex.http import AnyRequest, decode_body, json_response
+from cortex.http import AnyRequest, decode_body, json_body, json_response
 
 _encoder: Final = msgspec.json.Encoder()
 
@@ -77,7 +77,7 @@ def handlers(gw: Gateway) -> list[HTTPRouteHandler | Router]:
 
     @post("/models/load", status_code=200)
     async def load(request: AnyRequest) -> Response[bytes]:
-        action = decode_body(await request.body(), _action)
+        action = decode_body(await json_body(request), _action)
         node = await gw.fleet.load(action.model, action.node)
         return json_response(_encoder.encode(
             {"model": gw.settings.catalogue.resolve(action.model), "node": node,
@@ -85,7 +85,7 @@ def handlers(gw: Gateway) -> list[HTTPRouteHandler | Router]:
 
     @post("/models/unload", status_code=200)
     async def unload(request: AnyRequest) -> Response[bytes]:
-        action = decode_body(await request.body(), _action)
+        action = decode_body(await json_body(request), _action)
         done = await gw.fleet.unload(action.model, action.node)
         return json_response(_encoder.encode(
             {"model": gw.settings.catalogue.resolve(action.model), "nodes": done,
@@ -93,7 +93,7 @@ def handlers(gw: Gateway) -> list[HTTPRouteHandler | Router]:
 
     @post("/models/pin", status_code=200)
     async def pin(request: AnyRequest) -> Response[bytes]:
-        action = decode_body(await request.body(), _action)
+        action = decode_body(await json_body(request), _action)
         done = await gw.fleet.pin(action.model, action.node, pinned=action.pinned)
         return json_response(_encoder.encode(
             {"model": gw.settings.catalogue.resolve(action.model), "nodes": done,

@@ -59,6 +59,8 @@ class Reason(enum.StrEnum):
     """The job was cancelled on the neuron by someone other than this client."""
     TOO_LARGE = "too_large"
     UNSUPPORTED = "unsupported"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    """A body that is not ``application/json``."""
     """A valid request for something this gateway does not do."""
     ROUTE_NOT_FOUND = "route_not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
@@ -111,6 +113,7 @@ REASONS: Final[Mapping[Reason, ErrorSpec]] = {
     Reason.ROUTE_NOT_FOUND: ErrorSpec(404, _INVALID, "not_found", "not_found_error"),
     Reason.METHOD_NOT_ALLOWED: ErrorSpec(405, _INVALID, "method_not_allowed", _INVALID),
     Reason.TOO_LARGE: ErrorSpec(413, _INVALID, "request_too_large", "request_too_large"),
+    Reason.UNSUPPORTED_MEDIA_TYPE: ErrorSpec(415, _INVALID, "unsupported_media_type", _INVALID),
     Reason.OVERLOADED: _capacity(429, "rate_limit_error", "rate_limit_exceeded", 1),
     Reason.MODEL_NOT_LOADED: _capacity(503, "server_error", "model_not_loaded", 1),
     Reason.NO_WORKER: _capacity(503, "server_error", "no_worker", 5),

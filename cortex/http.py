@@ -9,7 +9,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 from litestar import Request, Response
 
-from cortex.errors import bad_request, field_path
+from cortex.errors import ApiError, Reason, bad_request, field_path
 from cortex.relay import Batch, Outcome
 
 T = TypeVar("T")
@@ -19,6 +19,23 @@ JSON: Final = "application/json"
 SSE: Final = "text/event-stream"
 #: REFERENCE §7.3: no caching, no proxy buffering of event streams.
 SSE_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def json_body(request: AnyRequest) -> bytes:
+    """The body of a JSON request. Only ``application/json`` (any parameters, e.g. charset) is
+    accepted: a browser page can send ``text/plain`` across sites without a preflight, so a body
+    in any other type must not run a job.
+
+    Raises:
+        ApiError: 415 for another content type.
+    """
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != JSON:
+        shown = media_type or "none"
+        raise ApiError(Reason.UNSUPPORTED_MEDIA_TYPE,
+                       f"request bodies must be application/json (got {shown}); send the "
+                       "header Content-Type: application/json")
+    return await request.body()
 
 
 def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:

@@ -146,3 +146,16 @@ def _neuron_busy(stack: LocalStack) -> bool:
     assert stack.bus is not None
     node = stack.bus.fleet.node("n1")
     return node is None or node.heartbeat.jobs_running > 0
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_bodies_that_are_not_json_are_415(slow_stack: LocalStack, path: str,
+                                          content_type: str | None) -> None:
+    body = json.dumps({"model": MODEL, "max_tokens": 5,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx.post(f"{slow_stack.base_url}{path}", content=body, headers=headers,
+                          timeout=10)
+    assert response.status_code == 415, response.text
+    assert "application/json" in response.json()["error"]["message"]

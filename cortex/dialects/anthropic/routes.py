@@ -27,6 +27,7 @@ from cortex.http import (
     SSE_HEADERS,
     AnyRequest,
     disconnect_waiter,
+    json_body,
     json_response,
     write_batches,
 )
@@ -54,7 +55,7 @@ def router(gw: Gateway) -> Router:
 
     @post("/messages", status_code=200)
     async def messages(request: AnyRequest) -> Response[bytes] | Stream:
-        body = parse(await request.body())
+        body = parse(await json_body(request))
         model = _model(body.model)
         translated = translate(body, model=model,
                                version=request.headers.get("anthropic-version"))
@@ -94,7 +95,7 @@ def router(gw: Gateway) -> Router:
 
     @post("/messages/count_tokens", status_code=200)
     async def count_tokens(request: AnyRequest) -> Response[bytes]:
-        body = parse(await request.body())
+        body = parse(await json_body(request))
         model = _model(body.model)
         translated = translate(body, model=model, version=request.headers.get("anthropic-version"),
                                count_only=True)

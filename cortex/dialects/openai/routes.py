@@ -27,6 +27,7 @@ from cortex.http import (
     SSE_HEADERS,
     AnyRequest,
     disconnect_waiter,
+    json_body,
     json_response,
     write_batches,
 )
@@ -96,7 +97,7 @@ def router(gw: Gateway) -> Router:
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(request: AnyRequest) -> Response[bytes] | Stream:
-        body = translate.parse_chat_request(await request.body())
+        body = translate.parse_chat_request(await json_body(request))
         draft = translate.chat_draft(body, model=translate.require_model(body.model))
         return await _answer(request, gw, draft, streaming=bool(body.stream),
                              include_usage=_include_usage(body.stream_options),
@@ -105,7 +106,7 @@ def router(gw: Gateway) -> Router:
 
     @post("/completions", status_code=200)
     async def completions(request: AnyRequest) -> Response[bytes] | Stream:
-        body = translate.parse_completion_request(await request.body())
+        body = translate.parse_completion_request(await json_body(request))
         draft = translate.completion_draft(body, model=translate.require_model(body.model))
         return await _answer(request, gw, draft, streaming=bool(body.stream),
                              include_usage=_include_usage(body.stream_options),
