@@ -106,9 +106,12 @@ async def test_a_crash_in_the_library_fails_the_job_and_the_neuron_goes_on(
     assert slot is not None and isinstance(slot.model, CTransformersModel)
     model = slot.model
 
+    killed: list[int] = []
+
     def crash_on_first_token(event: messages.JobEvent) -> None:
-        if isinstance(event, messages.TokenChunk):
-            os.kill(model.worker_pid, signal.SIGSEGV)
+        if isinstance(event, messages.TokenChunk) and not killed:
+            killed.append(model.worker_pid)
+            os.kill(killed[0], signal.SIGSEGV)
 
     events = await _job(client, subject_root, "local/tiny-spm", 2000, crash_on_first_token)
     failed = events[-1]
