@@ -21,7 +21,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -503,38 +503,3 @@ class ColdWait:
 
     def close(self) -> None:
         self._leave()
-
-
-Begin = Callable[[JobStream, JobAccepted], AsyncIterator[bytes]]
-
-
-async def stream_when_ready(
-    manager: FleetManager, wait: ColdWait, job: JobRequest, *, keepalive: bytes,
-    keepalive_s: float, failed: Callable[[ApiError], bytes], begin: Begin,
-    started: list[JobStream],
-) -> AsyncIterator[bytes]:
-    """An event stream committed before its model is loaded: ``keepalive`` at once and every
-    ``keepalive_s`` while the request waits, then the job's own stream from ``begin`` (the
-    dialect's opening included); a failure to load or start becomes the dialect's error event.
-    The started job stream is appended to ``started`` for the response to release."""
-    try:
-        try:
-            yield keepalive
-            while not await wait.wait(keepalive_s):
-                yield keepalive
-        finally:
-            wait.close()
-        stream, accepted = await manager.start(job)
-    except ApiError as exc:
-        log.info("job=%s failed before its stream began: %s", job.job_id, exc.message)
-        yield failed(exc)
-        return
-    started.append(stream)
-    async for chunk in begin(stream, accepted):
-        yield chunk
-
-
-async def release_all(streams: list[JobStream]) -> None:
-    """Release every job stream a cold-start response started (see `stream_when_ready`)."""
-    for stream in streams:
-        await stream.release()

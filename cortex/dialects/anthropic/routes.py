@@ -11,10 +11,10 @@ from typing import Final
 
 import msgspec
 from litestar import Response, Router, post
-from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from bus_schema.messages import JobAccepted
+from cortex.answer import Rendering, answer
 from cortex.bus import JobStream
 from cortex.context import Gateway
 from cortex.dialects.anthropic import render
@@ -23,16 +23,12 @@ from cortex.dialects.anthropic.translate import parse, translate
 from cortex.dispatch import stamp
 from cortex.errors import ApiError, bad_request
 from cortex.http import (
-    SSE,
-    SSE_HEADERS,
     AnyRequest,
-    disconnect_waiter,
     json_body,
     json_response,
     write_batches,
 )
-from cortex.manager import release_all, stream_when_ready
-from cortex.relay import collect, relay
+from cortex.relay import Completion, relay
 
 _encoder: Final = msgspec.json.Encoder()
 
@@ -60,9 +56,7 @@ def router(gw: Gateway) -> Router:
         translated = translate(body, model=model,
                                version=request.headers.get("anthropic-version"))
         job = stamp(translated.draft, gw.settings)
-        wait = await gw.fleet.admit(job.model)
         msg_id = render.message_id()
-        headers = {"request-id": render.request_id(), "x-request-id": job.job_id}
 
         def events_for(stream: JobStream, accepted: JobAccepted) -> AsyncIterator[bytes]:
             events = render.MessageEvents(msg_id=msg_id, model=model,
@@ -70,28 +64,14 @@ def router(gw: Gateway) -> Router:
                                           thinking=translated.thinking)
             return write_batches(relay(stream, accepted), events.render, opening=events.start())
 
-        if body.stream and wait is not None:
-            started: list[JobStream] = []
-            return Stream(stream_when_ready(gw.fleet, wait, job,
-                                            keepalive=render.MessageEvents.ping(),
-                                            keepalive_s=gw.settings.keepalive_interval_s,
-                                            failed=render.MessageEvents.error, begin=events_for,
-                                            started=started),
-                          media_type=SSE, headers={**SSE_HEADERS, **headers},
-                          background=BackgroundTask(release_all, started))
-        if wait is not None:
-            try:
-                await wait.until_ready(disconnect_waiter(request))
-            finally:
-                wait.close()
-        stream, accepted = await gw.fleet.start(job)
-        if body.stream:
-            return Stream(events_for(stream, accepted), media_type=SSE,
-                          headers={**SSE_HEADERS, **headers},
-                          background=BackgroundTask(stream.release))
-        done = await collect(stream, accepted, disconnect_waiter(request))
-        return json_response(render.message(done, msg_id=msg_id, model=model,
-                                            thinking=translated.thinking), headers=headers)
+        def one_body(done: Completion) -> bytes:
+            return render.message(done, msg_id=msg_id, model=model, thinking=translated.thinking)
+
+        return await answer(
+            request, gw, job, streaming=bool(body.stream),
+            headers={"request-id": render.request_id(), "x-request-id": job.job_id},
+            rendering=Rendering(begin=events_for, keepalive=render.MessageEvents.ping(),
+                                failed=render.MessageEvents.error, body=one_body))
 
     @post("/messages/count_tokens", status_code=200)
     async def count_tokens(request: AnyRequest) -> Response[bytes]:

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from litestar import Response, Router, post
-from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from bus_schema.messages import JobAccepted
+from cortex.answer import Rendering, answer
 from cortex.bus import JobStream
 from cortex.context import Gateway
 from cortex.dialects.openai import render, translate
@@ -23,16 +23,12 @@ from cortex.dialects.openai.shapes import StreamOptions
 from cortex.dispatch import JobDraft, stamp
 from cortex.errors import ApiError
 from cortex.http import (
-    SSE,
-    SSE_HEADERS,
     AnyRequest,
-    disconnect_waiter,
     json_body,
     json_response,
     write_batches,
 )
-from cortex.manager import release_all, stream_when_ready
-from cortex.relay import Completion, collect, relay
+from cortex.relay import Completion, relay
 
 
 class _Body(Protocol):
@@ -46,40 +42,22 @@ async def _answer(
     chunks: type[render.ChatChunks | render.TextChunks],
     body: _Body,
 ) -> Response[bytes] | Stream:
-    """Run ``draft`` and answer as one body or as an event stream. A routable model's stream
-    starts after acceptance (refusals keep their status); one that must be loaded first starts at
-    once with keep-alives while the request waits."""
+    """Run ``draft`` and answer in OpenAI's shapes (`cortex.answer`)."""
     job = stamp(draft, gw.settings)
-    wait = await gw.fleet.admit(job.model)
     completion_id, created = f"{id_prefix}-{job.job_id}", int(time.time())
-    headers = {"x-request-id": job.job_id}
 
     def events_for(stream: JobStream, accepted: JobAccepted) -> AsyncIterator[bytes]:
         events = chunks(completion_id=completion_id, created=created, model=draft.model,
                         include_usage=include_usage)
         return write_batches(relay(stream, accepted), events.render, opening=events.opening())
 
-    if streaming and wait is not None:
-        started: list[JobStream] = []
-        return Stream(stream_when_ready(gw.fleet, wait, job, keepalive=render.KEEPALIVE,
-                                        keepalive_s=gw.settings.keepalive_interval_s,
-                                        failed=render.stream_error, begin=events_for,
-                                        started=started),
-                      media_type=SSE, headers={**SSE_HEADERS, **headers},
-                      background=BackgroundTask(release_all, started))
-    if wait is not None:
-        try:
-            await wait.until_ready(disconnect_waiter(request))
-        finally:
-            wait.close()
-    stream, accepted = await gw.fleet.start(job)
-    if streaming:
-        return Stream(events_for(stream, accepted), media_type=SSE,
-                      headers={**SSE_HEADERS, **headers},
-                      background=BackgroundTask(stream.release))
-    done = await collect(stream, accepted, disconnect_waiter(request))
-    return json_response(body(done, completion_id=completion_id, created=created,
-                              model=draft.model), headers=headers)
+    def one_body(done: Completion) -> bytes:
+        return body(done, completion_id=completion_id, created=created, model=draft.model)
+
+    return await answer(request, gw, job, streaming=streaming,
+                        headers={"x-request-id": job.job_id},
+                        rendering=Rendering(begin=events_for, keepalive=render.KEEPALIVE,
+                                            failed=render.stream_error, body=one_body))
 
 
 def _include_usage(options: StreamOptions | None) -> bool:
