@@ -273,7 +273,8 @@ def build_engines(settings: NeuronSettings) -> dict[str, Engine]:
                     prefill_chunk_tokens=settings.prefill_chunk_tokens,
                     use_chat_template=settings.use_chat_template,
                     max_batch=settings.max_batch, threads=settings.torch_threads,
-                    quantize=_quantize(settings.quantize))
+                    quantize=_quantize(settings.quantize),
+                    prefix_cache_mb=settings.prefix_cache_mb)
             case "ctransformers":
                 from neuron.engines.ctransformers_engine import CTransformersEngine
 

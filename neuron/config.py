@@ -152,6 +152,7 @@ class NeuronConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_batch: PositiveInt = 32
     torch_threads: PositiveInt | None = None
     quantize: Literal["auto", "none", "int8"] = "auto"
+    prefix_cache_mb: NonNegativeInt = 256
     heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
@@ -284,6 +285,7 @@ def settings_from_config(
         max_batch=config.max_batch,
         torch_threads=config.torch_threads,
         quantize=config.quantize,
+        prefix_cache_mb=config.prefix_cache_mb,
         max_prompt_tokens=config.max_prompt_tokens,
         prefill_chunk_tokens=config.prefill_chunk_tokens,
         drain_timeout_s=config.drain_timeout_s,

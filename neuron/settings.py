@@ -102,6 +102,9 @@ class NeuronSettings:
     """Sequences one model runs at once (continuous batching); more wait for a place."""
     quantize: str = "auto"
     """``auto`` (int8 weights on a CPU without fast bfloat16), ``none`` or ``int8``."""
+    prefix_cache_mb: int = 256
+    """KV cache of finished sequences kept per model for prompts that start the same way
+    (``neuron.engines.torch_prefix``); 0: prefixes are shared only between running sequences."""
     torch_threads: int | None = None
     """torch's intra-op threads on the CPU; None: all cores but one (the event loop's)."""
     """Per device: how much the neuron may fill with models; None: half of the device

@@ -10,6 +10,11 @@ ones leave at once and free their cache. Each sequence keeps its own sampler, de
 stop matcher, so its output is the same whether it runs alone or in a batch (tests check it for
 float32, bfloat16 and int8 weights).
 
+A prompt that starts like a sequence running or recently finished copies those cached positions
+instead of computing them (`neuron.engines.torch_prefix`); prompts that arrive together with the
+same beginning compute it once: a sequence whose next block another sequence computes in this
+step waits one step and copies it.
+
 A failure of the forward pass fails every sequence in it (they share it); a failure in one
 sequence's sampling or text handling fails that sequence alone. The loop goes on either way.
 """
@@ -36,6 +41,7 @@ from neuron.engines.base import (
     Step,
 )
 from neuron.engines.torch_decoder import DecoderModel, KVCache
+from neuron.engines.torch_prefix import BLOCK, Cached, PrefixIndex, block_hashes
 from neuron.engines.torch_sampler import Sampler
 from neuron.errors import ModelNotLoadedError
 from neuron.text.detokenize import IncrementalDetokenizer, StopMatcher
@@ -55,14 +61,14 @@ class _Submitted:
 
 
 @dataclass(eq=False, kw_only=True)
-class _Sequence:
-    """A sequence in the running batch."""
+class _Sequence(Cached):
+    """A sequence in the running batch (``tokens``: its prompt, then each token it fed)."""
 
     prompt: list[int]
+    prompt_hashes: list[int]
     cancelled: threading.Event
     emit: Emit
     budget: int
-    cache: KVCache
     sampler: Sampler
     detokenizer: IncrementalDetokenizer
     stopper: StopMatcher
@@ -85,6 +91,8 @@ class BatchStats:
     largest_batch: int = 0
     """Most sequences in one forward pass."""
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+    reused_tokens: int = 0
+    """Prompt tokens copied from cached prefixes instead of computed."""
 
 
 class BatchLoop:
@@ -100,7 +108,14 @@ class BatchLoop:
         prefill_chunk_tokens: int,
         max_batch: int,
         name: str,
+        prefix_retain_bytes: int = 0,
     ) -> None:
+        """Start the loop's thread.
+
+        Args:
+            prefix_retain_bytes: KV cache bytes of finished sequences kept for prefix reuse
+                (0: prefixes are shared only between sequences that run at the same time).
+        """
         if max_batch < 1 or prefill_chunk_tokens < 1:
             raise ValueError("max_batch and prefill_chunk_tokens must be positive")
         self._model = model
@@ -113,6 +128,7 @@ class BatchLoop:
         self._cond = threading.Condition()
         self._queue: collections.deque[_Submitted] = collections.deque()
         self._active: list[_Sequence] = []
+        self._prefix = PrefixIndex(retain_bytes=prefix_retain_bytes)
         self._closed = False
         self.stats = BatchStats()
         self._thread = threading.Thread(target=self._run, name=f"batch-{name}", daemon=True)
@@ -170,6 +186,7 @@ class BatchLoop:
                 left: list[_Submitted | _Sequence] = [*self._active, *self._queue]
                 self._active.clear()
                 self._queue.clear()
+                self._prefix.clear()
             for gone in left:
                 _emit(gone, ModelNotLoadedError("the model was unloaded"))
 
@@ -184,7 +201,8 @@ class BatchLoop:
             return
         capacity = min(len(new.prompt) + min(budget, _CACHE_HEADROOM), context)
         self._active.append(_Sequence(
-            prompt=new.prompt, cancelled=new.cancelled, emit=new.emit, budget=budget,
+            tokens=list(new.prompt), prompt=new.prompt, prompt_hashes=block_hashes(new.prompt),
+            cancelled=new.cancelled, emit=new.emit, budget=budget,
             cache=self._model.new_cache(capacity),
             sampler=Sampler(new.params, self._device, vocab_limit=self._vocab_limit),
             detokenizer=IncrementalDetokenizer(self._decode),
@@ -198,6 +216,7 @@ class BatchLoop:
             log.exception("a batched step failed; failing its %d sequences", len(self._active))
             failed, self._active = self._active, []
             for s in failed:
+                self._prefix.discard(s)
                 _emit(s, exc)
 
     @torch.inference_mode()
@@ -212,15 +231,25 @@ class BatchLoop:
             assert s.pending is not None
             _reserve(s, 1)
             ids.append(s.pending)
+            s.tokens.append(s.pending)
             caches.append(s.cache)
             counts.append(1)
         # Prompts share one chunk's worth of tokens per step, first come first served. Each is
         # fed in the same pieces as alone (chunk-aligned), so its numbers do not depend on who
-        # it shares steps with; a piece that does not fit waits for the next step.
+        # it shares steps with; a piece that does not fit waits for the next step. Cached
+        # prefixes are copied first; a block another prompt computes in this step is copied
+        # in the next one instead of being computed twice.
         prefilling: list[tuple[_Sequence, int]] = []
+        computing: set[int] = set()
         room = self._chunk
         for s in self._active:
             if s.pending is None:
+                if s.fed % BLOCK == 0:
+                    s.fed += self._prefix.adopt(s, s.prompt_hashes, upto=len(s.prompt) - 1)
+                    self.stats.reused_tokens = self._prefix.reused_tokens
+                    block = s.fed // BLOCK
+                    if block < len(s.prompt_hashes) and s.prompt_hashes[block] in computing:
+                        continue
                 take = min(len(s.prompt) - s.fed, self._chunk - s.fed % self._chunk)
                 if take > room:
                     break
@@ -228,6 +257,7 @@ class BatchLoop:
                 caches.append(s.cache)
                 counts.append(take)
                 prefilling.append((s, take))
+                computing.update(s.prompt_hashes[-(-s.fed // BLOCK) : (s.fed + take) // BLOCK])
                 room -= take
         if not caches:
             return
@@ -238,9 +268,11 @@ class BatchLoop:
         self.stats.batch_sizes[len(caches)] += 1
         for row, s in enumerate(decoding):
             s.pending = None
+            self._prefix.register(s)
             self._advance_or_fail(s, logits[row])
         for row, (s, take) in enumerate(prefilling, start=len(decoding)):
             s.fed += take
+            self._prefix.register(s)
             if s.fed == len(s.prompt):
                 s.prefilled = time.perf_counter()
                 self._advance_or_fail(s, logits[row])
@@ -253,6 +285,7 @@ class BatchLoop:
             log.exception("a sequence failed while sampling; the others go on")
             if s in self._active:
                 self._active.remove(s)
+            self._prefix.discard(s)
             _emit(s, exc)
 
     def _advance(self, s: _Sequence, logits: torch.Tensor) -> None:
@@ -274,6 +307,7 @@ class BatchLoop:
 
     def _finish(self, s: _Sequence, reason: FinishReason, *, matched: str | None = None) -> None:
         self._active.remove(s)
+        self._prefix.retire(s)
         tail = ""
         if matched is None:
             tail, matched = s.stopper.push(s.detokenizer.flush())

@@ -115,6 +115,46 @@ class KVCache:
         self.k, self.v, self.capacity = k, v, capacity
 
 
+class RowPlan:
+    """The entries of the forward pass in progress: how many new rows each sequence brings.
+
+    Layers that choose a kernel by size (`neuron.engines.torch_quant.Int8Linear`) choose per
+    entry, never by the size of the whole batch, so a sequence's numbers do not depend on the
+    sequences that share its step.
+    """
+
+    def __init__(self) -> None:
+        self._counts: tuple[int, ...] = ()
+        self._rows = 0
+        self._segments: dict[int, list[tuple[int, int, bool]]] = {}
+
+    def set(self, counts: Sequence[int]) -> None:
+        """Describe the rows of the next layer calls: ``counts[i]`` rows for entry ``i``."""
+        self._counts = tuple(counts)
+        self._rows = sum(self._counts)
+        self._segments = {}
+
+    def segments_for(self, rows: int, large: int) -> list[tuple[int, int, bool]]:
+        """``(start, end, is_large)`` runs of consecutive entries on the same side of ``large``
+        rows; rows that are not the planned ones count as one entry."""
+        if rows != self._rows:
+            return [(0, rows, rows >= large)]
+        cached = self._segments.get(large)
+        if cached is not None:
+            return cached
+        segments: list[tuple[int, int, bool]] = []
+        start = 0
+        for count in self._counts:
+            is_large = count >= large
+            if segments and segments[-1][2] == is_large:
+                segments[-1] = (segments[-1][0], start + count, is_large)
+            else:
+                segments.append((start, start + count, is_large))
+            start += count
+        self._segments[large] = segments
+        return segments
+
+
 class _Linear(nn.Linear):
     """`nn.Linear` without random initialisation: weights always come from a checkpoint."""
 
@@ -267,6 +307,7 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = _Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.row_plan = RowPlan()
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head (``tie_word_embeddings``)."""
@@ -309,6 +350,7 @@ class DecoderModel(nn.Module):
                 for c, n in zip(caches, counts, strict=True)
             ]
         )
+        self.row_plan.set(counts)
         x = self.embed_tokens(input_ids)
         cos, sin = self._rope_tables(positions, x.dtype)
         for layer in self.layers:
@@ -318,6 +360,7 @@ class DecoderModel(nn.Module):
         if not all_logits:
             last = torch.tensor(list(accumulate(counts)), device=x.device) - 1
             x = x[last]
+            self.row_plan.set([1] * len(counts))
         logits: torch.Tensor = self.lm_head(self.norm(x))
         return logits.float()
 

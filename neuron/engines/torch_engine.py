@@ -117,6 +117,7 @@ class TorchEngine:
         max_batch: int = 32,
         threads: int | None = None,
         quantize: Quantize = "none",
+        prefix_cache_mb: int = 256,
     ) -> None:
         """Configure the engine.
 
@@ -131,6 +132,8 @@ class TorchEngine:
                 loop and the bus keep a core under full load).
             quantize: ``int8``: linear weights as int8 (CPU only; `neuron.engines.torch_quant`);
                 ``auto``: int8 on a CPU without fast bfloat16, else as ``dtype``; ``none``.
+            prefix_cache_mb: per model, KV cache of finished sequences kept for prompts that
+                start the same way (`neuron.engines.torch_prefix`).
 
         Raises:
             ValueError: an unknown device or dtype, or a non-positive chunk size.
@@ -142,10 +145,13 @@ class TorchEngine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.use_chat_template = use_chat_template
         self.max_batch = max_batch
+        if prefix_cache_mb < 0:
+            raise ValueError("prefix_cache_mb must be >= 0")
+        self.prefix_cache_mb = prefix_cache_mb
         self.int8 = self.device.type == "cpu" and (
             quantize == "int8" or (quantize == "auto" and not cpu_has_fast_bf16()))
         if self.int8:
-            self.dtype = torch.bfloat16  # activations; linear weights become int8 after loading
+            self.dtype = torch.float32  # activations; linear weights become int8 after loading
         if self.device.type == "cpu":
             torch.set_num_threads(threads or cpu_threads())
 
@@ -179,7 +185,7 @@ class TorchEngine:
         if self.int8:
             progress(0.99, "quantising weights to int8")
             info = dataclasses.replace(info, memory_bytes=quantize_int8(model),
-                                       dtype="int8 (bfloat16 activations)")
+                                       dtype="int8 (float32 activations)")
         logger.info(
             "loaded %s (%s, %s, %.1fM parameters, %.0f MiB, %s on %s) in %.2f s",
             files.model_id,
@@ -199,6 +205,7 @@ class TorchEngine:
             info=info,
             prefill_chunk_tokens=self.prefill_chunk_tokens,
             max_batch=self.max_batch,
+            prefix_cache_mb=self.prefix_cache_mb,
         )
 
     def _prepare_safetensors(
@@ -325,6 +332,7 @@ class TorchModel:
         info: ModelInfo,
         prefill_chunk_tokens: int = 512,
         max_batch: int = 32,
+        prefix_cache_mb: int = 0,
     ) -> None:
         """Wrap loaded parts and start the model's step loop; use `TorchEngine.load`."""
         self._model: DecoderModel | None = model
@@ -336,6 +344,7 @@ class TorchModel:
         self._loop = BatchLoop(model, stop_ids=frozenset(tokenizer.stop_ids),
                                decode=tokenizer.decode, vocab_limit=tokenizer.vocab_size,
                                prefill_chunk_tokens=prefill_chunk_tokens, max_batch=max_batch,
+                               prefix_retain_bytes=prefix_cache_mb * 2**20,
                                name=info.model_id)
 
     @property
