@@ -7,7 +7,10 @@ Separate processes on loopback, as deployed: a nats-server (`EmbeddedNatsServer`
 runs the same three, but passes no engine settings to its neuron, so it is not used here. Once
 ``/v1/models`` shows the model loaded and a warm-up ran, each level sends ``--rounds`` rounds of N
 streamed OpenAI chat completions at once (temperature 0, ``max_tokens``,
-``stream_options.include_usage``), after one unmeasured round of N short ones. This process is
+``stream_options.include_usage``), after one unmeasured round of N short ones. Each request
+appends "This is story number N." with a number of its own (``--same-prompt``: not), so no
+request reuses another's whole prompt; the chat template's system prompt and the instruction are
+common to all, as in real traffic, and the neuron's prefix cache may reuse those. This process is
 the only client, on the same cores: a minimal asyncio HTTP/1.1 client, one connection per stream.
 
 Per level: aggregate tokens/s = completion tokens (from ``usage``) / wall time of the round
@@ -141,18 +144,26 @@ class Client:
     lasts seconds here, so a pool would save nothing, and the parsing stays minimal because this
     process shares the cores with the model."""
 
-    def __init__(self, base_url: str, model: str, prompt: str) -> None:
+    def __init__(self, base_url: str, model: str, prompt: str, *, distinct: bool) -> None:
         url = httpx.URL(base_url)
         self._host = url.host
         self._port = url.port or 80
         self._model = model
         self._prompt = prompt
+        self._distinct = distinct
+        self._sent = 0
 
     def request(self, max_tokens: int) -> bytes:
+        self._sent += 1
+        # every request of the run asks for a different story (the instruction and the chat
+        # template's system prompt are common to all, as in real traffic), so no request can
+        # reuse another's whole prompt
+        content = (f"{self._prompt} This is story number {self._sent}." if self._distinct
+                   else self._prompt)
         body = msgspec.json.encode({
             "model": self._model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
             "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": self._prompt}],
+            "messages": [{"role": "user", "content": content}],
         })
         return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: "
                 + f"{self._host}:{self._port}".encode()
@@ -333,7 +344,7 @@ def client_cpu() -> float:
 
 async def measure(args: argparse.Namespace, base: str, neuron: Child,
                   gateway: Child) -> list[Level]:
-    client = Client(base, DEFAULT_MODEL_ID, args.prompt)
+    client = Client(base, DEFAULT_MODEL_ID, args.prompt, distinct=not args.same_prompt)
     for _ in range(2):  # the first request of all: model thread, caches, connection setup
         warm = await run_round(client, 1, 16)
         if not warm.streams:
@@ -654,7 +665,9 @@ def report(args: argparse.Namespace, levels: list[Level], llama: LlamaCpp, model
 - neuron command: `{shlex.join([".venv/bin/python", "-m", "neuron", "--nats-url", "…",
                                   *neuron_cmd]).replace(str(ROOT) + "/", "")}`{
   f"; environment: `{env}`" if env else ""}
-- prompt: {json.dumps(args.prompt)} (chat template of the GGUF), temperature 0,
+- prompt: {json.dumps(args.prompt)}{
+  "" if args.same_prompt else " + ' This is story number N.' (N: 1, 2, … per request)"}
+  (chat template of the GGUF), temperature 0,
   max_tokens {args.max_tokens}, {args.rounds} round(s) per level
 {note_text}
 Every process is separate and shares the same {os.cpu_count()} cores: nats-server, the neuron,
@@ -716,6 +729,9 @@ def main() -> None:
     parser.add_argument("--llamacpp-threads", type=int, default=os.cpu_count() or 1,
                         help="llama.cpp n_threads (default: every core)")
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--same-prompt", action="store_true",
+                        help="send the prompt as is to every stream (default: each request "
+                             "appends 'This is story number N.' with its own N)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/neuron.md")
     args = parser.parse_args()
     if min(args.max_tokens, args.rounds, args.llamacpp_rounds, args.llamacpp_threads) < 1:
