@@ -46,6 +46,8 @@ def _decode(decoder: msgspec.json.Decoder[T], data: bytes) -> T:
         return decoder.decode(data)
     except msgspec.DecodeError as exc:  # ValidationError included
         raise BusDecodeError(str(exc)) from exc
+    except RecursionError:  # nesting deeper than the stack allows (in an unknown field, too)
+        raise BusDecodeError("message is nested too deeply") from None
 
 
 def decode_job_request(data: bytes) -> JobRequest:

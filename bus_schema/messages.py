@@ -10,7 +10,8 @@ The job stream protocol (on the job's reply inbox):
 2. `TokenChunk` × N, ``seq`` = 1, 2, 3 … without gaps;
 3. exactly one terminal `JobFinished` or `JobFailed` with the next ``seq``.
 
-A gateway that sees a gap, a duplicate or silence knows something was lost.
+A gateway that sees a gap, a duplicate or silence knows something was lost. A job whose neuron
+died mid-stream continues on another one as a new job with `JobRequest.resume` (failover).
 
 Schema evolution: new fields always get defaults; a field's type or meaning never changes; tags are
 never reused; unknown fields are ignored on decode. Anything else gets ``v2`` subjects.
@@ -98,6 +99,22 @@ class ChatMessage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     reasoning_content: str | None = None
 
 
+#: Most delivered tokens a resumed job may carry; a longer generation is not resumed.
+MAX_RESUME_TOKENS: Final = 65536
+
+
+class ResumeState(msgspec.Struct, frozen=True, kw_only=True):
+    """A generation to continue where another neuron left it (failover): the neuron appends
+    ``token_ids`` to the prompt, replays them through its detokenizer, stop matcher and output
+    router without sending them, then streams only new tokens; its `JobFinished` counts them
+    among the completion tokens."""
+
+    token_ids: Annotated[tuple[NonNegInt, ...], msgspec.Meta(max_length=MAX_RESUME_TOKENS)]
+    """Ids of every token the client was sent so far, in order."""
+    resumed_from: JobId
+    """The job id of the first attempt (logs)."""
+
+
 class JobRequest(BusMessage, frozen=True, tag="job", kw_only=True):
     """Run one generation. Published on `job_subject` (or `node_job_subject`) with a reply inbox."""
 
@@ -116,6 +133,8 @@ class JobRequest(BusMessage, frozen=True, tag="job", kw_only=True):
     """Wall-clock time after which the neuron stops generating (guards against lost cancels)."""
     gateway: str = ""
     """Which gateway sent it (logs only)."""
+    resume: ResumeState | None = None
+    """Continue a generation that broke off elsewhere (see `ResumeState`)."""
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
@@ -142,6 +161,9 @@ class JobAccepted(BusMessage, frozen=True, tag="accepted", kw_only=True):
     prompt_tokens: NonNegInt
     max_tokens: NonNegInt
     """The completion budget after clamping to the context length."""
+    resumed_tokens: NonNegInt = 0
+    """For a resumed job: how many delivered tokens it continues from (0 from a neuron that does
+    not know `JobRequest.resume`, which would start over: the gateway cancels that job)."""
 
 
 class EmittedToolCall(msgspec.Struct, frozen=True, kw_only=True):

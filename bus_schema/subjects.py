@@ -125,6 +125,25 @@ def discover_subject(*, root: str = DEFAULT_ROOT) -> str:
     return f"{root}.fleet.discover"
 
 
+def gateway_inbox(gateway_id: str, *, root: str = DEFAULT_ROOT) -> str:
+    """The prefix of every inbox of one gateway: ``_INBOX.<root>.<gateway_id>``.
+
+    Job streams arrive on ``<prefix>.<token>`` and discovery answers on ``<prefix>.discover``; the
+    gateway also connects with this prefix as nats-py's inbox prefix, so control replies come to
+    ``<prefix>.<nuid>.<token>``. Every gateway inbox is thus under `inbox_wildcard`, the one
+    pattern a neuron needs publish rights on (ops/nats/accounts.conf).
+
+    Raises:
+        ValueError: ``gateway_id`` is not one subject token.
+    """
+    return f"_INBOX.{root}.{check_node_name(gateway_id)}"
+
+
+def inbox_wildcard(*, root: str = DEFAULT_ROOT) -> str:
+    """Every gateway's inboxes under ``root`` (`gateway_inbox`): where neurons answer."""
+    return f"_INBOX.{root}.>"
+
+
 def model_from_job_subject(subject: str, *, root: str = DEFAULT_ROOT) -> str:
     """The model id encoded in a `job_subject` or `node_job_subject`.
 

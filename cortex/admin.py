@@ -1,8 +1,8 @@
 """Operator routes (``cortex models/load/unload/pin/status``): the fleet's nodes with their memory,
 and model lifecycle actions carried out by the fleet manager. Errors come in OpenAI's shape.
 
-These routes change what the fleet holds; expose the gateway only where operators are trusted
-(or put it behind an authenticating proxy) until API keys land.
+These routes change what the fleet holds: they need an API key like every route (`cortex.auth`),
+and a key limited to some models may act only on those.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from litestar import Response, Router, get, post
 from litestar.handlers import HTTPRouteHandler
 
 from bus_schema.messages import Device, ModelId, NodeName
+from cortex.auth import require_model
 from cortex.context import Gateway
 from cortex.http import AnyRequest, decode_body, json_body, json_response
 
@@ -59,6 +60,12 @@ def handlers(gw: Gateway) -> list[HTTPRouteHandler | Router]:
     """The operator routes under ``/admin``, working with ``gw``."""
     fleet = gw.bus.fleet
 
+    async def model_action(request: AnyRequest) -> ModelAction:
+        """The body of a model action, for a key that may use that model."""
+        action = decode_body(await json_body(request), _action)
+        require_model(request, gw.settings.catalogue.resolve(action.model))
+        return action
+
     @get("/fleet", sync_to_thread=False)
     def nodes() -> Response[bytes]:
         now = time.monotonic()
@@ -77,7 +84,7 @@ def handlers(gw: Gateway) -> list[HTTPRouteHandler | Router]:
 
     @post("/models/load", status_code=200)
     async def load(request: AnyRequest) -> Response[bytes]:
-        action = decode_body(await json_body(request), _action)
+        action = await model_action(request)
         node = await gw.fleet.load(action.model, action.node)
         return json_response(_encoder.encode(
             {"model": gw.settings.catalogue.resolve(action.model), "node": node,
@@ -85,7 +92,7 @@ def handlers(gw: Gateway) -> list[HTTPRouteHandler | Router]:
 
     @post("/models/unload", status_code=200)
     async def unload(request: AnyRequest) -> Response[bytes]:
-        action = decode_body(await json_body(request), _action)
+        action = await model_action(request)
         done = await gw.fleet.unload(action.model, action.node)
         return json_response(_encoder.encode(
             {"model": gw.settings.catalogue.resolve(action.model), "nodes": done,
@@ -93,7 +100,7 @@ def handlers(gw: Gateway) -> list[HTTPRouteHandler | Router]:
 
     @post("/models/pin", status_code=200)
     async def pin(request: AnyRequest) -> Response[bytes]:
-        action = decode_body(await json_body(request), _action)
+        action = await model_action(request)
         done = await gw.fleet.pin(action.model, action.node, pinned=action.pinned)
         return json_response(_encoder.encode(
             {"model": gw.settings.catalogue.resolve(action.model), "nodes": done,

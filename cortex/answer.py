@@ -15,6 +15,7 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from bus_schema.messages import JobAccepted, JobRequest
+from cortex.auth import require_model
 from cortex.bus import JobStream
 from cortex.context import Gateway
 from cortex.errors import ApiError
@@ -48,6 +49,7 @@ async def answer(
     Raises:
         ApiError: before any byte of the answer (unknown model, queue full, refusals).
     """
+    require_model(request, job.model)
     wait = await gw.fleet.admit(job.model)
     if streaming and wait is not None:
         started: list[JobStream] = []

@@ -1,5 +1,6 @@
-"""The Litestar application: the fleet routes and each dialect's router, one error handler that
-answers every failure in the caller's dialect, and a lifespan that starts and stops the bus."""
+"""The Litestar application: the fleet routes and each dialect's router behind API-key
+authentication (`cortex.auth`), one error handler that answers every failure in the caller's
+dialect, and a lifespan that starts and stops the bus."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from litestar import Litestar, Response
 from litestar.exceptions import HTTPException
 
 from cortex import admin, routes
+from cortex.auth import AuthMiddleware, KeyRing
 from cortex.bus import GatewayBus
 from cortex.context import Gateway
 from cortex.dialects.anthropic import routes as anthropic
@@ -87,6 +89,8 @@ def create_app(settings: GatewaySettings, *, bus: GatewayBus) -> Litestar:
         route_handlers=[*routes.handlers(gw), *admin.handlers(gw), openai.router(gw),
                         anthropic.router(gw)],
         lifespan=[lifespan],
+        # no keys, no middleware: nothing to check, nothing added to each request
+        middleware=[AuthMiddleware(KeyRing(settings.api_keys))] if settings.api_keys else [],
         exception_handlers={
             ApiError: _on_api_error,
             HTTPException: _on_http_exception,

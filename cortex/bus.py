@@ -1,7 +1,8 @@
 """The gateway's side of the bus: one NATS connection, the fleet subscriptions, and job streams.
 
-All jobs share one wildcard inbox subscription (``_INBOX.<gateway>.*``); each job's events are
-routed by the last subject token into its `JobStream`. The job is published on the same connection
+All jobs share one wildcard inbox subscription (``_INBOX.<root>.<gateway>.*``, see
+`bus_schema.subjects.gateway_inbox`); each job's events are routed by the last subject token into
+its `JobStream`. The job is published on the same connection
 as that subscription, so a job for a model nobody serves comes back at once as a no-responders
 status (`NoRespondersError`). nats-py errors are translated here and nowhere else.
 """
@@ -44,6 +45,7 @@ from bus_schema.subjects import (
     activation_wildcard,
     control_subject,
     discover_subject,
+    gateway_inbox,
     heartbeat_wildcard,
     job_subject,
 )
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 
 #: Room left for headers and protocol framing when checking a job against ``max_payload``.
 _HEADER_ROOM: Final = 4096
+#: How often a silent job stream checks that its node still heartbeats (`FleetView.is_gone`).
+LIVENESS_CHECK_S: Final = 0.25
 
 
 class BusError(Exception):
@@ -73,6 +77,14 @@ class PayloadTooLargeError(BusError):
 
 class StreamTimeoutError(BusError):
     """The stream went silent for too long (or its node stopped heartbeating)."""
+
+
+class NodeGoneError(StreamTimeoutError):
+    """The stream is silent and its node stopped heartbeating (killed, frozen or cut off)."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        super().__init__(f"neuron '{node}' stopped heartbeating mid-stream")
 
 
 class StreamProtocolError(BusError):
@@ -103,6 +115,11 @@ class JobStream:
         self._counted = False
         self.finished = False
         """True once a terminal event was received (no cancel needed)."""
+
+    @property
+    def bus(self) -> GatewayBus:
+        """The bus this stream's job runs on (a failover starts its continuation there)."""
+        return self._bus
 
     def _deliver(self, msg: Msg) -> None:
         self._queue.put_nowait(msg)
@@ -147,31 +164,40 @@ class JobStream:
         """Events after the first, in batches of whatever had arrived together (so a relay can
         write them to its client at once), ending with the terminal one; `KEEPALIVE` on silence.
 
+        While silent, the stream checks its node's heartbeats every `LIVENESS_CHECK_S`
+        (independently of the keep-alive period), so a dead or frozen node is given up within
+        `cortex.fleet.GONE_AFTER_BEATS` heartbeat intervals.
+
         Raises:
-            StreamTimeoutError: silent longer than ``stream_idle_timeout_s`` or the node went stale.
+            NodeGoneError: silent, and the node stopped heartbeating.
+            StreamTimeoutError: silent longer than ``stream_idle_timeout_s``.
             StreamProtocolError: a gap or an undecodable event (after the good events before it).
         """
         settings = self._bus.settings
-        last = time.monotonic()
+        fleet = self._bus.fleet
+        last = quiet = time.monotonic()  # the last event; the last event or keep-alive
         queue = self._queue
         while not self.finished:
             if queue.empty():
+                wait = min(LIVENESS_CHECK_S,
+                           quiet + settings.keepalive_interval_s - time.monotonic())
                 try:
-                    async with asyncio.timeout(settings.keepalive_interval_s):
+                    async with asyncio.timeout(max(wait, 0.0)):
                         msg = await queue.get()
                 except TimeoutError:
-                    silent = time.monotonic() - last
-                    if self.node is not None and not self._bus.fleet.is_healthy(self.node):
+                    now = time.monotonic()
+                    if self.node is not None and fleet.is_gone(self.node):
+                        raise NodeGoneError(self.node) from None
+                    if now - last > settings.stream_idle_timeout_s:
                         raise StreamTimeoutError(
-                            f"neuron '{self.node}' stopped heartbeating mid-stream"
-                        ) from None
-                    if silent > settings.stream_idle_timeout_s:
-                        raise StreamTimeoutError(f"stream silent for {silent:.0f}s") from None
-                    yield KEEPALIVE
+                            f"stream silent for {now - last:.0f}s") from None
+                    if now - quiet >= settings.keepalive_interval_s:
+                        quiet = now
+                        yield KEEPALIVE
                     continue
             else:
                 msg = queue.get_nowait()
-            last = time.monotonic()
+            last = quiet = time.monotonic()
             batch: list[JobEvent] = []
             try:
                 batch.append(self._decode(msg))
@@ -220,7 +246,7 @@ class GatewayBus:
         self._on_lost = on_lost
         self.lost = False
         self._nc: NatsClient | None = None
-        self._inbox = f"_INBOX.{settings.gateway_id}"
+        self._inbox = gateway_inbox(settings.gateway_id, root=settings.root)
         self._streams: dict[str, JobStream] = {}
         self._closing = False
         self._service: Service | None = None
@@ -253,7 +279,8 @@ class GatewayBus:
         """
         endpoint = parse_nats_urls(url)
         self._nc = await nats.connect(
-            **endpoint.connect_options(),
+            **endpoint.connect_options(ca_file=self.settings.nats_ca),
+            inbox_prefix=self._inbox,  # control replies too: every inbox under our one prefix
             name=f"cortex:{self.settings.gateway_id}",
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,

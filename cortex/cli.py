@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Annotated
 
 import cyclopts
-import uvicorn
 
 from bus_schema.service import package_version
+from cortex import server
 from cortex.app import create_app
+from cortex.auth import exposure_problem
 from cortex.bus import GatewayBus
+from cortex.bus_roles import BusLock
 from cortex.catalogue import Catalogue
 from cortex.config import (
     ConfigError,
+    api_keys,
     check_models,
     listen_address,
     load_cortex_config,
@@ -62,22 +65,32 @@ def configure_logging(level: str) -> None:
 
 def _settings_from(
     config_path: Path | None, *, host: str | None, port: int | None, nats_url: str | None,
-    root: str | None,
+    root: str | None, api_key_file: Path | None = None, allow_unauthenticated: bool = False,
+    nats_ca: Path | None = None,
 ) -> GatewaySettings:
-    """Settings from ``cortex.toml`` (and its ``models.toml``), flags overriding the file.
+    """Settings from ``cortex.toml`` (and its ``models.toml``), flags overriding the file. API
+    keys are those of ``[auth]`` and of ``api_key_file``; the default host is 0.0.0.0 with keys,
+    else 127.0.0.1.
 
     Raises:
-        ConfigError: the file is unusable (its path, key and reason in the message).
+        ConfigError: a file is unusable (its path, key and reason in the message).
         ValueError: a flag's value is invalid.
     """
     config = load_cortex_config(config_path) if config_path is not None else None
-    settings = GatewaySettings()
+    keys = api_keys(config, config_path, api_key_file)
+    settings = GatewaySettings(
+        api_keys=keys,
+        allow_unauthenticated=allow_unauthenticated
+        or (config is not None and config.auth.allow_unauthenticated),
+    )
     if config is not None and config_path is not None:
         file_host, file_port = listen_address(config.gateway.listen)
         host = host or file_host
         port = port or file_port
         nats_url = nats_url or config.nats.url
         root = root or config.nats.root
+        if nats_ca is None and config.nats.ca_file is not None:
+            nats_ca = config_path.parent / Path(config.nats.ca_file).expanduser()
         settings = replace(
             settings,
             catalogue=Catalogue.of(load_models(models_path(config, config_path))),
@@ -89,10 +102,11 @@ def _settings_from(
             load_queue_depth=config.loading.queue_depth,
             load_wait_s=config.loading.wait_s,
         )
+    default_host = "0.0.0.0" if keys else "127.0.0.1"  # noqa: S104 - keys guard the network
     return replace(
         settings,
-        host=host or "0.0.0.0",  # noqa: S104 - the gateway serves the network
-        port=port or 31313, nats_url=nats_url, root=root or "cortex",
+        host=host or default_host, port=port or 31313, nats_url=nats_url, root=root or "cortex",
+        nats_ca=nats_ca,
     )
 
 
@@ -111,7 +125,10 @@ def serve(
     host: str | None = None,
     port: int | None = None,
     nats_url: str | None = None,
+    nats_ca: Path | None = None,
     root: str | None = None,
+    api_key_file: Path | None = None,
+    allow_unauthenticated: bool = False,
     log_level: str = "info",
 ) -> int:
     """Run the gateway.
@@ -122,33 +139,54 @@ def serve(
         cortex.toml (default: ./cortex.toml when present); its models_config names the catalogue
         and aliases. Flags override the file, CORTEX_<TABLE>__<KEY> variables override its keys.
     host
-        Interface to listen on (default 0.0.0.0, or [gateway] listen).
+        Interface to listen on (default [gateway] listen, else 0.0.0.0 with API keys and
+        127.0.0.1 without).
     port
         HTTP port for the OpenAI and Anthropic APIs (default 31313, or [gateway] listen).
     nats_url
         NATS server URL; without one an embedded nats-server is started on 127.0.0.1:4222
-        (or a free port when that is taken).
+        (or a free port when that is taken), password-protected for this gateway alone: no
+        neuron can join it (run a server with ops/nats/ and pass its URL for that).
+    nats_ca
+        CA certificate (PEM) to trust for the NATS server's TLS certificate (tls:// URLs).
     root
         Subject root shared by the gateway and neurons of one fleet.
+    api_key_file
+        File of API keys, one per line ('#' comments), added to [auth] of cortex.toml. Clients
+        send a key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.
+    allow_unauthenticated
+        Listen beyond loopback without API keys (only behind something that authenticates).
     log_level
         debug, info, warning or error.
     """
     configure_logging(log_level)
     try:
         settings = _settings_from(_config_path(config), host=host, port=port,
-                                  nats_url=nats_url, root=root)
+                                  nats_url=nats_url, root=root, api_key_file=api_key_file,
+                                  allow_unauthenticated=allow_unauthenticated, nats_ca=nats_ca)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
     except ValueError as exc:
         log.error("invalid settings: %s", exc)
         return 2
+    problem = exposure_problem(settings.host, keys=len(settings.api_keys),
+                               allow_unauthenticated=settings.allow_unauthenticated)
+    if problem is not None:
+        log.error("%s", problem)
+        return 2
+    if settings.api_keys:
+        log.info("API keys: %s", ", ".join(k.name for k in settings.api_keys))
+    else:
+        log.warning("no API keys: every request to %s:%d is accepted", settings.host,
+                    settings.port)
     embedded: EmbeddedNatsServer | None = None
     url = settings.nats_url
-    if url is None:
-        embedded = EmbeddedNatsServer()
+    if url is None:  # a bus of its own, locked: only this gateway may use it
+        lock = BusLock.generate(root=settings.root)
+        embedded = EmbeddedNatsServer(auth_config=lock.server_config())
         try:
-            url = embedded.start().url
+            url = lock.gateway.url(embedded.start())
         except EmbeddedNatsError as exc:
             log.error("%s", exc)
             return 1
@@ -157,8 +195,10 @@ def serve(
         fleet = FleetView(allowed=settings.allowed_nodes)
         bus = GatewayBus(settings, fleet, on_lost=_stop_serving)
         app = create_app(settings, bus=bus)
-        uvicorn.run(app, host=settings.host, port=settings.port,
-                    log_level=log_level, lifespan="on", log_config=None)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _after_uvicorn)
+        server.run(server.gateway_config(app, host=settings.host, port=settings.port,
+                                         log_level=log_level, log_config=None))
     finally:
         if embedded is not None:
             embedded.stop()
@@ -166,6 +206,13 @@ def serve(
         log.error("exiting with status 1: the bus connection was lost for good")
         return 1
     return 0
+
+
+def _after_uvicorn(signum: int, frame: object) -> None:
+    """uvicorn re-raises the signal that stopped it once it has shut down: receive it here, so
+    that `serve` still stops its embedded server (and removes its passwords) and picks the exit
+    status, instead of dying of the signal."""
+    log.debug("signal %d after shutdown", signum)
 
 
 def _stop_serving() -> None:
@@ -204,7 +251,8 @@ def up(
     device: str = "auto",
     log_level: str = "info",
 ) -> int:
-    """Run the whole stack locally: embedded nats-server, one neuron, the gateway.
+    """Run the whole stack locally: embedded nats-server, one neuron, the gateway. The server is
+    locked with passwords made for this run: no other process on the host can join the bus.
 
     Parameters
     ----------
@@ -251,10 +299,12 @@ def format_status(health: object, models: object) -> str:
 
 _Endpoint = Annotated[str, cyclopts.Parameter(name=["--endpoint", "-e"])]
 _Node = Annotated[str | None, cyclopts.Parameter(name=["--node", "-n"])]
+#: ``--api-key``, or the CORTEX_API_KEY variable (better: a flag shows in the process list).
+_Key = Annotated[str | None, cyclopts.Parameter(name="--api-key")]
 
 
 @app.command
-def status(*, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
+def status(*, endpoint: _Endpoint = DEFAULT_ENDPOINT, api_key: _Key = None) -> int:
     """Show fleet health, where each model is and, when the gateway has /admin/fleet, each node's
     devices (used / budget / total MiB) and models.
 
@@ -262,8 +312,10 @@ def status(*, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
     ----------
     endpoint
         The gateway's base URL.
+    api_key
+        The gateway's API key (or CORTEX_API_KEY).
     """
-    client = OperatorClient(endpoint)
+    client = OperatorClient(endpoint, api_key=api_key)
     try:
         health = client.health()
         models = client.models()
@@ -286,11 +338,11 @@ def status(*, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
     return 0
 
 
-def _operate(endpoint: str, call: Callable[[OperatorClient], object],
+def _operate(endpoint: str, api_key: str | None, call: Callable[[OperatorClient], object],
              render: Callable[[object], str]) -> int:
     """Run one operator call; print its one-line result, or ``Error: <message>`` and exit 1."""
     try:
-        result = call(OperatorClient(endpoint))
+        result = call(OperatorClient(endpoint, api_key=api_key))
     except (OperatorError, GatewayUnreachable) as exc:
         print(f"Error: {exc.message}", file=sys.stderr)
         return 1
@@ -299,19 +351,22 @@ def _operate(endpoint: str, call: Callable[[OperatorClient], object],
 
 
 @app.command
-def models(*, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
+def models(*, endpoint: _Endpoint = DEFAULT_ENDPOINT, api_key: _Key = None) -> int:
     """List the models: state (loaded, loading NN%, unloaded), where they are, where they fit.
 
     Parameters
     ----------
     endpoint
         The gateway's base URL.
+    api_key
+        The gateway's API key (or CORTEX_API_KEY).
     """
-    return _operate(endpoint, OperatorClient.models, format_models)
+    return _operate(endpoint, api_key, OperatorClient.models, format_models)
 
 
 @app.command
-def load(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
+def load(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_ENDPOINT,
+         api_key: _Key = None) -> int:
     """Load a model and wait for it (a cold load can take up to 30 minutes).
 
     Parameters
@@ -322,13 +377,17 @@ def load(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_END
         Node to load it on (default: the gateway's placement).
     endpoint
         The gateway's base URL.
+    api_key
+        The gateway's API key (or CORTEX_API_KEY).
     """
     print(f"Loading {model}{f' on {node}' if node else ''}...", file=sys.stderr)
-    return _operate(endpoint, lambda c: c.load(model, node), lambda r: format_load(r, model))
+    return _operate(endpoint, api_key, lambda c: c.load(model, node),
+                    lambda r: format_load(r, model))
 
 
 @app.command
-def unload(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
+def unload(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_ENDPOINT,
+         api_key: _Key = None) -> int:
     """Unload a model.
 
     Parameters
@@ -339,12 +398,16 @@ def unload(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_E
         Node to unload it from (default: every node holding it).
     endpoint
         The gateway's base URL.
+    api_key
+        The gateway's API key (or CORTEX_API_KEY).
     """
-    return _operate(endpoint, lambda c: c.unload(model, node), lambda r: format_unload(r, model))
+    return _operate(endpoint, api_key, lambda c: c.unload(model, node),
+                    lambda r: format_unload(r, model))
 
 
 @app.command
-def pin(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
+def pin(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_ENDPOINT,
+         api_key: _Key = None) -> int:
     """Pin a model so that eviction never unloads it.
 
     Parameters
@@ -355,13 +418,16 @@ def pin(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_ENDP
         Node to pin it on (default: every node holding it).
     endpoint
         The gateway's base URL.
+    api_key
+        The gateway's API key (or CORTEX_API_KEY).
     """
-    return _operate(endpoint, lambda c: c.pin(model, node, pinned=True),
+    return _operate(endpoint, api_key, lambda c: c.pin(model, node, pinned=True),
                     lambda r: format_pin(r, model, pinned=True))
 
 
 @app.command
-def unpin(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_ENDPOINT) -> int:
+def unpin(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_ENDPOINT,
+         api_key: _Key = None) -> int:
     """Unpin a model: eviction may unload it again.
 
     Parameters
@@ -372,8 +438,10 @@ def unpin(model: str, /, *, node: _Node = None, endpoint: _Endpoint = DEFAULT_EN
         Node to unpin it on (default: every node holding it).
     endpoint
         The gateway's base URL.
+    api_key
+        The gateway's API key (or CORTEX_API_KEY).
     """
-    return _operate(endpoint, lambda c: c.pin(model, node, pinned=False),
+    return _operate(endpoint, api_key, lambda c: c.pin(model, node, pinned=False),
                     lambda r: format_pin(r, model, pinned=False))
 
 

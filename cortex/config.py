@@ -3,7 +3,9 @@
 msgspec Structs, so a bad file fails at start-up with its path, the key and the reason.
 
 Environment variables ``CORTEX_<TABLE>__<KEY>`` override keys of ``cortex.toml`` (``__`` nests:
-``CORTEX_GATEWAY__LISTEN=127.0.0.1:8080``); command-line flags override both (`cortex.cli`).
+``CORTEX_GATEWAY__LISTEN=127.0.0.1:8080``; a TOML value such as ``["a", "b"]`` gives a list);
+command-line flags override both (`cortex.cli`). API keys come from ``[auth]`` and from a key
+file (`read_key_file`); a key that cannot be one stops start-up, and no message repeats a key.
 A ``models.toml`` that is missing or broken leaves the catalogue empty with a warning: start-up
 never fails because of it (as the reference).
 """
@@ -20,6 +22,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 import msgspec
 
 from bus_schema.messages import ModelId, NodeName
+from cortex.auth import ApiKey, key_problem
 from cortex.errors import field_path
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,30 @@ class NatsTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """One URL or a comma-separated list of cluster members, credentials in it
     (``nats://gateway:secret@bus:4222``) applying to all; None starts the embedded server."""
     root: str = "cortex"
+    ca_file: str | None = None
+    """PEM file of the CA that signed the servers' TLS certificates (relative: to this file)."""
+
+
+class KeyEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Ours: one ``[[auth.keys]]`` entry."""
+
+    key: str
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)] | None = None
+    """For logs (the key itself is never logged); default ``key #n``."""
+    models: list[str] | None = None
+    """Model ids or globs this key may use (after alias resolution); default every model."""
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Requests in flight at once for this key; default no limit."""
+
+
+class AuthTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Ours: API keys (`cortex.auth`)."""
+
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    """Plain keys: every model, no limit."""
+    keys: list[KeyEntry] = msgspec.field(default_factory=list)
+    allow_unauthenticated: bool = False
+    """Listen beyond loopback with no keys (something in front authenticates)."""
 
 
 class CortexConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -77,6 +104,7 @@ class CortexConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     neurons: list[NeuronEntry] = msgspec.field(default_factory=list)
     nats: NatsTable = msgspec.field(default_factory=NatsTable)
     loading: LoadingTable = msgspec.field(default_factory=LoadingTable)
+    auth: AuthTable = msgspec.field(default_factory=AuthTable)
 
 
 class ModelEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -168,7 +196,85 @@ def load_cortex_config(path: Path, environ: Mapping[str, str] | None = None) -> 
         listen_address(config.gateway.metrics_listen)
     except ValueError as exc:
         raise ConfigError(f"failed to load config from '{path}': {exc}") from None
+    config_keys(config.auth, path)
     return config
+
+
+def config_keys(auth: AuthTable, path: Path) -> list[ApiKey]:
+    """The keys of ``[auth]``: ``api_keys`` first, then ``[[auth.keys]]``; unnamed ones are
+    ``key #n`` in that order.
+
+    Raises:
+        ConfigError: a key that cannot be one (the message names its place, never the key).
+    """
+    keys: list[ApiKey] = []
+    entries = [(f"auth.api_keys[{i}]", KeyEntry(key=k)) for i, k in enumerate(auth.api_keys)]
+    entries += [(f"auth.keys[{i}].key", e) for i, e in enumerate(auth.keys)]
+    for number, (where, entry) in enumerate(entries, start=1):
+        problem = key_problem(entry.key)
+        if problem is not None:
+            raise ConfigError(f"failed to load config from '{path}' (key '{where}'): {problem}")
+        keys.append(ApiKey(key=entry.key, name=entry.name or f"key #{number}",
+                           models=None if entry.models is None else tuple(entry.models),
+                           max_concurrent=entry.max_concurrent))
+    _check_unique(keys, f"failed to load config from '{path}'")
+    return keys
+
+
+def read_key_file(path: Path, *, first_number: int = 1) -> list[ApiKey]:
+    """The keys of an API key file: one per line; blank lines and ``#`` comments are skipped,
+    surrounding whitespace is ignored. Key ``n`` of the file is named ``key #n`` (counting on
+    from ``first_number``); each may use every model, with no limit.
+
+    Raises:
+        ConfigError: the file cannot be read or holds a line that cannot be a key (named by its
+            line number, never by its content).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"failed to read API key file '{path}': {reason}") from None
+    try:
+        if path.stat().st_mode & 0o004:
+            log.warning("API key file '%s' is readable by every user: chmod 0640 it", path)
+    except OSError as exc:
+        log.warning("cannot check the permissions of '%s': %s", path, exc)
+    keys: list[ApiKey] = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        problem = key_problem(key)
+        if problem is not None:
+            raise ConfigError(f"API key file '{path}', line {line_number}: {problem}")
+        keys.append(ApiKey(key=key, name=f"key #{first_number + len(keys)}"))
+    if not keys:
+        raise ConfigError(f"API key file '{path}' holds no key")
+    _check_unique(keys, f"API key file '{path}'")
+    return keys
+
+
+def api_keys(config: CortexConfig | None, config_path: Path | None,
+             key_file: Path | None) -> tuple[ApiKey, ...]:
+    """Every key the gateway accepts: ``[auth]`` of ``cortex.toml``, then the key file's.
+
+    Raises:
+        ConfigError: a bad key or file, or one key given twice.
+    """
+    keys = config_keys(config.auth, config_path) if config and config_path else []
+    if key_file is not None:
+        keys += read_key_file(key_file, first_number=len(keys) + 1)
+    _check_unique(keys, "API keys")
+    return tuple(keys)
+
+
+def _check_unique(keys: list[ApiKey], where: str) -> None:
+    seen: dict[str, str] = {}
+    for key in keys:
+        if key.key in seen:
+            raise ConfigError(f"{where}: {key.name} is the same key as {seen[key.key]}")
+        seen[key.key] = key.name
 
 
 def listen_address(listen: str) -> tuple[str, int]:

@@ -4,6 +4,11 @@
 free port as a session fixture. The server is started with ``nats.conf`` (the repository's default
 config) and command-line overrides for host and port, and is considered ready when it logs
 ``Server is ready``. Its log is forwarded to this module's logger at DEBUG.
+
+Given an ``auth_config`` (users and passwords, `cortex.bus_roles.BusLock.server_config`), the
+server runs with that block appended to its config, written to a file of mode 0600 in a private
+temporary directory (mode 0700) that `EmbeddedNatsServer.stop` removes. Passwords go neither on
+the command line nor in a log line.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -89,6 +95,7 @@ class EmbeddedNatsServer:
         config: Path | None = DEFAULT_CONFIG,
         binary: Path | None = None,
         ready_timeout: float = 10.0,
+        auth_config: str | None = None,
     ) -> None:
         """Args:
         host: interface to listen on.
@@ -97,12 +104,16 @@ class EmbeddedNatsServer:
         config: server config file; ``None`` or a missing file runs with defaults.
         binary: the server binary; found with `find_nats_server` when None.
         ready_timeout: seconds to wait for ``Server is ready``.
+        auth_config: an ``authorization`` block (a secret) appended to the config in a private
+            file; None runs the server open to every local process.
         """
         self._host = host
         self._port = port
         self._config = config
         self._binary = binary
         self._ready_timeout = ready_timeout
+        self._auth_config = auth_config
+        self._private_dir: Path | None = None
         self._proc: subprocess.Popen[str] | None = None
         self._address: ServerAddress | None = None
         self._log_thread: threading.Thread | None = None
@@ -115,7 +126,15 @@ class EmbeddedNatsServer:
 
     @property
     def url(self) -> str:
+        """The server's URL, without credentials."""
         return self.address.url
+
+    @property
+    def config_path(self) -> Path | None:
+        """The config file the running server was started with (None: defaults)."""
+        if self._private_dir is not None:
+            return self._private_dir / "nats.conf"
+        return self._config if self._config is not None and self._config.is_file() else None
 
     def start(self) -> ServerAddress:
         """Start the server and block until it is ready (call off the event loop).
@@ -131,27 +150,58 @@ class EmbeddedNatsServer:
             log.warning("port %s:%d is taken; starting the embedded NATS server on a free port",
                         self._host, port)
             port = None
+        if self._auth_config is not None:
+            self._write_private_config(self._auth_config)
         cmd = [str(binary)]
-        if self._config is not None and self._config.is_file():
-            cmd += ["-c", str(self._config)]
+        if (config := self.config_path) is not None:
+            cmd += ["-c", str(config)]
         cmd += ["-a", self._host, "-p", str(port if port else -1)]
         log.debug("starting %s", " ".join(cmd))
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it in order
-        )
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it in order
+            )
+        except OSError as exc:
+            self._remove_private_config()
+            raise EmbeddedNatsError(f"cannot run {binary}: {exc}") from exc
         assert self._proc.stderr is not None
         self._address = self._wait_ready(self._proc, self._proc.stderr)
         self._log_thread = threading.Thread(
             target=_forward_log, args=(self._proc.stderr,), name="nats-server-log", daemon=True
         )
         self._log_thread.start()
-        log.info("embedded NATS server ready on %s (pid %d)", self._address.url, self._proc.pid)
+        log.info("embedded NATS server ready on %s (pid %d%s)", self._address.url, self._proc.pid,
+                 ", password-protected" if self._auth_config is not None else "")
         return self._address
+
+    def _write_private_config(self, auth_config: str) -> None:
+        """The base config plus ``auth_config``, readable by this user only."""
+        try:
+            config = self._config
+            base = config.read_text() if config is not None and config.is_file() else ""
+            self._private_dir = Path(tempfile.mkdtemp(prefix="cortex-nats-"))  # mode 0700
+            fd = os.open(self._private_dir / "nats.conf", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o600)
+            with os.fdopen(fd, "w") as file:
+                file.write(f"{base}\n# Users of this run (removed when the server stops)\n")
+                file.write(auth_config)
+        except OSError as exc:
+            self._remove_private_config()
+            raise EmbeddedNatsError(f"cannot write the server's config: {exc}") from exc
+
+    def _remove_private_config(self) -> None:
+        folder, self._private_dir = self._private_dir, None
+        if folder is None:
+            return
+        try:
+            shutil.rmtree(folder)
+        except OSError as exc:  # it holds passwords: say so if it stays behind
+            log.warning("could not remove the embedded NATS server's config: %s", exc)
 
     def _wait_ready(self, proc: subprocess.Popen[str], stderr: IO[str]) -> ServerAddress:
         deadline = time.monotonic() + self._ready_timeout
@@ -185,6 +235,7 @@ class EmbeddedNatsServer:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``). Idempotent."""
         proc, self._proc = self._proc, None
         if proc is None:
+            self._remove_private_config()
             return
         if proc.poll() is None:
             proc.terminate()
@@ -196,6 +247,7 @@ class EmbeddedNatsServer:
         if proc.stderr is not None:
             with contextlib.suppress(OSError):
                 proc.stderr.close()
+        self._remove_private_config()
         log.info("embedded NATS server stopped")
 
     def __enter__(self) -> EmbeddedNatsServer:

@@ -58,6 +58,8 @@ class Reason(enum.StrEnum):
     CANCELLED = "cancelled"
     """The job was cancelled on the neuron by someone other than this client."""
     TOO_LARGE = "too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    """The request line and headers exceed the gateway's limit (`cortex.server`)."""
     UNSUPPORTED = "unsupported"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     """A body that is not ``application/json``."""
@@ -65,6 +67,10 @@ class Reason(enum.StrEnum):
     ROUTE_NOT_FOUND = "route_not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     UNAUTHORIZED = "unauthorized"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    """The request's API key may not use the model it names (`cortex.auth`)."""
+    KEY_LIMIT = "key_limit"
+    """The request's API key already has its ``max_concurrent`` requests in flight."""
     INTERNAL = "internal"
 
 
@@ -108,11 +114,17 @@ REASONS: Final[Mapping[Reason, ErrorSpec]] = {
     Reason.PINNED: ErrorSpec(409, _INVALID, "pinned", _INVALID),
     Reason.UNAUTHORIZED: ErrorSpec(401, "authentication_error", "invalid_api_key",
                                    "authentication_error"),
+    Reason.MODEL_NOT_ALLOWED: ErrorSpec(403, "permission_error", "model_not_allowed",
+                                        "permission_error"),
+    Reason.KEY_LIMIT: ErrorSpec(429, "rate_limit_error", "rate_limit_exceeded",
+                                "rate_limit_error", retry_after=1),
     Reason.MODEL_NOT_FOUND: ErrorSpec(404, _INVALID, "model_not_found", "not_found_error"),
     Reason.NOT_FOUND: ErrorSpec(404, _INVALID, "not_found", "not_found_error"),
     Reason.ROUTE_NOT_FOUND: ErrorSpec(404, _INVALID, "not_found", "not_found_error"),
     Reason.METHOD_NOT_ALLOWED: ErrorSpec(405, _INVALID, "method_not_allowed", _INVALID),
     Reason.TOO_LARGE: ErrorSpec(413, _INVALID, "request_too_large", "request_too_large"),
+    Reason.HEADERS_TOO_LARGE: ErrorSpec(431, _INVALID, "request_header_fields_too_large",
+                                        "request_too_large"),
     Reason.UNSUPPORTED_MEDIA_TYPE: ErrorSpec(415, _INVALID, "unsupported_media_type", _INVALID),
     Reason.OVERLOADED: _capacity(429, "rate_limit_error", "rate_limit_exceeded", 1),
     Reason.MODEL_NOT_LOADED: _capacity(503, "server_error", "model_not_loaded", 1),

@@ -2,8 +2,11 @@
 
 A `Heartbeat` replaces everything known about its node; an `Activation` updates one model between
 heartbeats, so a model that became ready is routable at once. A node that misses three heartbeat
-intervals is stale: it leaves routing and shows as unhealthy. Several gateways that hear the same
-messages reach the same view without sharing anything else.
+intervals is stale: it leaves routing and shows as unhealthy. A job stream that has gone silent
+gives its node up sooner, after 2.5 intervals (`FleetView.is_gone`), so a killed or frozen neuron
+is noticed within 3 s of its last event (with the default 1 s heartbeat) and the job resumes
+elsewhere. Several gateways that hear the same messages reach the same view without sharing
+anything else.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from bus_schema.messages import Activation, FleetEvent, Heartbeat, ResidentModel
+from bus_schema.messages import MAX_LISTED, Activation, FleetEvent, Heartbeat, ResidentModel
 
 log = logging.getLogger(__name__)
 
 STALE_AFTER_BEATS = 3.0
+#: Missed heartbeat intervals after which a silent job stream gives its node up (failover). Sooner
+#: than routing does: the stream's own silence is a second witness, and a client is waiting.
+GONE_AFTER_BEATS = 2.5
 #: A node silent this long (or 100 intervals, if longer) is forgotten altogether: departed and
 #: forged nodes do not stay in the view for ever.
 FORGET_AFTER_S = 300.0
@@ -41,6 +47,9 @@ class NodeView:
 
     def is_stale(self, now: float) -> bool:
         return now - self.received_at > STALE_AFTER_BEATS * self.heartbeat.interval_s
+
+    def is_gone(self, now: float) -> bool:
+        return now - self.received_at > GONE_AFTER_BEATS * self.heartbeat.interval_s
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,8 @@ class FleetView:
         if event.model is None:
             return
         current = node.models.get(event.model)
+        if current is None and len(node.models) >= MAX_LISTED:
+            return  # a heartbeat lists at most this many; activations must not grow it further
         if event.event in ("failed", "unloaded", "evicted"):
             node.models.pop(event.model, None)
         elif event.event == "ready":
@@ -192,6 +203,13 @@ class FleetView:
     def is_healthy(self, name: str) -> bool:
         node = self._nodes.get(name)
         return node is not None and not node.is_stale(self._clock())
+
+    def is_gone(self, name: str) -> bool:
+        """Whether a silent job stream from ``name`` should be given up: the node missed
+        `GONE_AFTER_BEATS` heartbeat intervals, or is not known at all. The one rule for
+        "this node is gone" mid-stream (`cortex.bus.JobStream.events`)."""
+        node = self._nodes.get(name)
+        return node is None or node.is_gone(self._clock())
 
     def health(self) -> tuple[int, int]:
         """(healthy nodes, known nodes); allow-listed nodes never heard of count as unhealthy."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
+import itertools
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Final, TypeVar
 
@@ -13,10 +16,21 @@ from cortex.errors import ApiError, Reason, bad_request, field_path
 from cortex.relay import Batch, Outcome
 
 T = TypeVar("T")
+S = TypeVar("S", bound=msgspec.Struct)
 
 AnyRequest = Request[Any, Any, Any]
 JSON: Final = "application/json"
 SSE: Final = "text/event-stream"
+MAX_JSON_DEPTH: Final = 128
+"""Deepest nesting of arrays and objects a request body may have. Free-form fields (tool schemas,
+tool arguments) would otherwise carry nesting that the decoder just accepts but that the bus
+encoder, a few levels deeper and further down the stack, cannot write."""
+_ESCAPE: Final = re.compile(rb"\\.", re.DOTALL)
+_STRING: Final = re.compile(rb'"[^"]*"')
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+_OPEN: Final = b"\x01"
+_STEPS: Final = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")
+"""Openers to +1, closers to -1 (as signed bytes)."""
 #: REFERENCE §7.3: no caching, no proxy buffering of event streams.
 SSE_HEADERS: Final = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -47,6 +61,9 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     """
     if not body.strip():
         raise bad_request("request body is empty; expected a JSON object")
+    if nested_deeper_than(body, MAX_JSON_DEPTH):
+        raise bad_request(f"request body is nested too deeply (more than {MAX_JSON_DEPTH} "
+                          "levels of arrays and objects)")
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
@@ -57,6 +74,37 @@ def decode_body(body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise bad_request("request body is nested too deeply") from None
+
+
+def nested_deeper_than(body: bytes, limit: int) -> bool:
+    """Whether the JSON text ``body`` nests arrays and objects more than ``limit`` deep (brackets
+    inside strings do not count; for malformed JSON, a guess the decoder then overrules). Runs in
+    C but for a running sum over the brackets, and only for bodies with many of them."""
+    brackets = _STRING.sub(b"", _ESCAPE.sub(b"", body)).translate(_STEPS, _NOT_BRACKETS)
+    if len(brackets) <= 2 * limit:
+        return False
+    if _OPEN * (limit + 1) in brackets:
+        return True
+    return max(itertools.accumulate(array.array("b", brackets))) > limit
+
+
+def within_bus_limits(value: S, *, param: str) -> S:
+    """``value``, a bus Struct built from a request, checked against the limits the bus schema
+    declares (lengths, ranges): constructors do not check them, and a neuron drops a job it cannot
+    decode, so the client would wait for a timeout instead of getting a 400.
+
+    Raises:
+        ApiError: 400 naming the field inside ``param`` (``tools[0].name: Expected `str` of
+            length <= 256``).
+    """
+    try:
+        msgspec.convert(msgspec.to_builtins(value), type(value))
+    except msgspec.ValidationError as exc:
+        field = field_path(exc)
+        where = f"{param}.{field}" if field else param
+        reason = str(exc).rsplit(" - at `", 1)[0]  # the path inside the bus type: misleading
+        raise bad_request(f"{where}: {reason}", param=where) from None
+    return value
 
 
 def json_response(

@@ -3,8 +3,9 @@
 Used by ``cortex models``, ``load``, ``unload``, ``pin``, ``unpin`` and ``status``. The client
 speaks JSON to ``/v1/models``, ``/health`` and ``/admin/*``; any non-2xx answer becomes an
 :class:`OperatorError` carrying the gateway's ``{"error": {"message", "type", "code"}}`` body, and a
-gateway that cannot be reached becomes :class:`GatewayUnreachable`. The formatters are pure: JSON
-in, text out, tolerant of missing fields.
+gateway that cannot be reached becomes :class:`GatewayUnreachable`. With an API key every request
+carries ``Authorization: Bearer <key>`` (never forwarded on a redirect). The formatters are pure:
+JSON in, text out, tolerant of missing fields.
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ class GatewayUnreachable(Exception):
 
 
 class OperatorClient:
-    """JSON over HTTP to one gateway, ``timeout_s`` per request unless a call says otherwise."""
+    """JSON over HTTP to one gateway, ``timeout_s`` per request unless a call says otherwise,
+    authenticated with ``api_key`` when one is given."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, *, api_key: str | None = None) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.timeout_s = timeout_s
+        self._api_key = api_key.strip() if api_key else None
 
     def get(self, path: str, *, timeout_s: float | None = None) -> Any:
         """``GET path``; the decoded JSON body."""
@@ -100,6 +103,8 @@ class OperatorClient:
                                              method=method)
         except ValueError as exc:  # a malformed host
             raise GatewayUnreachable(f"invalid endpoint {self.endpoint!r}: {exc}") from exc
+        if self._api_key:
+            request.add_unredirected_header("Authorization", f"Bearer {self._api_key}")
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
                 status = int(response.status)
@@ -111,7 +116,10 @@ class OperatorClient:
                 error_body = b""
             finally:
                 exc.close()
-            raise _error_from(exc.code, str(exc.reason), error_body) from None
+            error = _error_from(exc.code, str(exc.reason), error_body)
+            if error.status == 401 and not self._api_key:
+                error.message += " (give the key with --api-key or CORTEX_API_KEY)"
+            raise error from None
         except urllib.error.URLError as exc:
             raise GatewayUnreachable(
                 f"cannot reach {self.endpoint}: {_reason(exc.reason, timeout)}"

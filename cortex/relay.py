@@ -3,8 +3,10 @@
 `relay` turns the events after `JobAccepted` into `Outcome`s — text, reasoning and tool-call
 deltas, keep-alives, and exactly one terminal `Finished` or `Failed` — in batches of what arrived
 together (one write to the client each), and never raises (except the `CancelledError` of a
-client that went away). On the way out, however it ends, it cancels the job
-on its neuron if the job is still running and stops routing the job's inbox.
+client that went away). When the neuron dies, freezes or goes silent mid-stream, the relay
+continues the job on another replica (`cortex.failover`) and the client sees one uninterrupted
+stream. On the way out, however it ends, it cancels the job on its neuron if the job is still
+running and stops routing the job's inbox.
 
 `collect` is the same relay folded into one `Completion`, for non-streaming answers; it stops the
 job if the HTTP client disconnects first. Dialects only render outcomes.
@@ -22,6 +24,7 @@ from typing import Literal, assert_never
 from bus_schema.messages import JobAccepted, JobEvent, JobFailed, JobFinished, TokenChunk
 from cortex.bus import BusError, JobStream, Keepalive
 from cortex.errors import ApiError, Reason, from_job_failure
+from cortex.failover import Failover
 
 log = logging.getLogger(__name__)
 
@@ -117,28 +120,46 @@ def _outcomes(
 
 async def relay(stream: JobStream, accepted: JobAccepted) -> AsyncGenerator[Batch, None]:
     """Outcomes of an accepted job, in batches; the last batch ends with exactly one `Finished`
-    or `Failed`."""
+    or `Failed`. A stream that breaks off continues on another replica where it can."""
     tool_calls = 0
+    failover = Failover(stream, accepted)
+    ended = False  # the terminal outcome was handed out
     try:
-        async for events in stream.events():
-            if isinstance(events, Keepalive):
-                yield [_KEEPALIVE]
-                continue
-            batch: Batch = []
-            for event in events:
-                outcomes, tool_calls, terminal = _outcomes(event, stream, accepted, tool_calls)
-                batch.extend(outcomes)
-                if terminal:
-                    yield batch
+        while True:
+            try:
+                async for events in stream.events():
+                    if isinstance(events, Keepalive):
+                        yield [_KEEPALIVE]
+                        continue
+                    batch: Batch = []
+                    for event in events:
+                        outcomes, tool_calls, ended = _outcomes(event, stream, accepted,
+                                                                tool_calls)
+                        if isinstance(event, TokenChunk):
+                            failover.delivered(event)
+                        batch.extend(outcomes)
+                        if ended:
+                            yield batch
+                            return
+                    if batch:
+                        yield batch
+                ended = True
+                yield [Failed(_stream_broken(BusError("stream ended without a terminal event")))]
+                return
+            except BusError as exc:
+                if not failover.can_resume(exc):
+                    log.warning("job=%s stream broke: %s", stream.job.job_id, exc)
+                    ended = True
+                    yield [Failed(_stream_broken(exc))]
                     return
-            if batch:
-                yield batch
-        yield [Failed(_stream_broken(BusError("stream ended without a terminal event")))]
-    except BusError as exc:
-        log.warning("job=%s stream broke: %s", stream.job.job_id, exc)
-        yield [Failed(_stream_broken(exc))]
+                try:
+                    stream, _ = await failover.resume(stream, exc)
+                except ApiError as error:
+                    ended = True
+                    yield [Failed(error)]
+                    return
     finally:
-        if not stream.finished:
+        if not ended:
             log.info("job=%s client went away; cancelling on %s", stream.job.job_id, stream.node)
         await stream.release()
 

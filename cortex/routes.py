@@ -13,10 +13,11 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 
 from cortex.api import Health, ModelCard, ModelList, ModelLocation, NodeCounts
+from cortex.auth import permits, require_model
 from cortex.context import Gateway
 from cortex.errors import model_not_found
 from cortex.fleet import Location
-from cortex.http import json_response
+from cortex.http import AnyRequest, json_response
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,10 @@ def handlers(gw: Gateway) -> list[HTTPRouteHandler]:
                              status=200 if connected else 503)
 
     @get("/v1/models", sync_to_thread=False)
-    def list_models() -> Response[bytes]:
-        cards = [card for _, card in sorted(model_cards(gw).items())]
+    def list_models(request: AnyRequest) -> Response[bytes]:
+        resolve = gw.settings.catalogue.resolve
+        cards = [card for name, card in sorted(model_cards(gw).items())
+                 if permits(request, resolve(name))]
         return json_response(_encoder.encode(ModelList(
             data=cards,
             has_more=False,
@@ -120,8 +123,9 @@ def handlers(gw: Gateway) -> list[HTTPRouteHandler]:
         )))
 
     @get("/v1/models/{model_id:path}", sync_to_thread=False)
-    def get_model(model_id: FromPath[str]) -> Response[bytes]:
+    def get_model(request: AnyRequest, model_id: FromPath[str]) -> Response[bytes]:
         asked = model_id.lstrip("/")
+        require_model(request, gw.settings.catalogue.resolve(asked))
         cards = model_cards(gw)
         card = cards.get(asked) or cards.get(gw.settings.catalogue.resolve(asked))
         if card is None:

@@ -2,12 +2,15 @@
 subject, the next one while one is busy, loses the model or does not accept in time.
 
 `start_job` is the one place that decides whether and where a stamped job runs; every outcome
-that is not an accepted stream is an `ApiError`.
+that is not an accepted stream is an `ApiError`. A failover (`cortex.failover`) starts its
+continuation here too, excluding the nodes that failed the job.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Collection
 from typing import Final
 
 from bus_schema.messages import JobAccepted, JobFailed, JobRequest
@@ -69,16 +72,21 @@ def replicas(bus: GatewayBus, model: str) -> list[str]:
     return [loc.node for loc in found]
 
 
-async def start_job(bus: GatewayBus, job: JobRequest) -> tuple[JobStream, JobAccepted]:
-    """Send ``job`` to the least-loaded replica of its model, and on to the next while one is
-    busy, loses the model, or does not accept in time; return the accepted stream.
+async def start_job(
+    bus: GatewayBus, job: JobRequest, *, exclude: Collection[str] = ()
+) -> tuple[JobStream, JobAccepted]:
+    """Send ``job`` to the least-loaded replica of its model (other than those in ``exclude``),
+    and on to the next while one is busy, loses the model, or does not accept in time; return
+    the accepted stream.
 
     Raises:
         ApiError: the job could not start (routing, bus, or admission failure); when every
             replica refused, the last refusal.
     """
     await check_routable(bus, job.model)
-    nodes = replicas(bus, job.model)
+    nodes = [node for node in replicas(bus, job.model) if node not in exclude]
+    if not nodes:
+        raise ApiError(Reason.NO_WORKER, f"no other healthy node serves model '{job.model}'")
     settings = bus.settings
     refusal: ApiError | None = None
     for i, node in enumerate(nodes):
@@ -113,6 +121,10 @@ async def _start_on(
         raise ApiError(Reason.BUS_DOWN, f"message bus unavailable: {exc}") from None
     try:
         first = await stream.first(timeout_s)
+    except asyncio.CancelledError:  # the client went away: the node must not run it later
+        stream.close()
+        await bus.cancel(node, job.job_id, "the client went away before the job was accepted")
+        raise
     except NoRespondersError:
         stream.close()
         raise ApiError(Reason.MODEL_NOT_LOADED,

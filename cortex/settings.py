@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from bus_schema.connection import parse_nats_urls
 from bus_schema.subjects import DEFAULT_ROOT, check_root
+from cortex.auth import ApiKey
 from cortex.catalogue import Catalogue
 
 
@@ -18,10 +20,13 @@ def _gateway_id() -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class GatewaySettings:
-    host: str = "0.0.0.0"  # noqa: S104 - a gateway serves the network by design
+    host: str = "127.0.0.1"
+    """Interface to listen on; `cortex.cli` picks 0.0.0.0 by default when API keys are set."""
     port: int = 31313
     nats_url: str | None = None
     """None: start the embedded nats-server (see `cortex.embedded_nats`)."""
+    nats_ca: Path | None = None
+    """PEM file of the CA that signed the NATS servers' TLS certificates; None: the system's."""
     root: str = DEFAULT_ROOT
     gateway_id: str = field(default_factory=_gateway_id)
     """This gateway's name on the bus (its reply inbox prefix)."""
@@ -56,11 +61,20 @@ class GatewaySettings:
     """How long a request waits for a cold load before it gets 503 with Retry-After."""
     allowed_nodes: tuple[str, ...] | None = None
     """``cortex.toml`` ``[[neurons]]``: only these nodes are heard; None hears every node."""
+    api_keys: tuple[ApiKey, ...] = ()
+    """Keys accepted on every route but ``/health``, ``/ready`` and ``/metrics``
+    (`cortex.auth`); empty: every request is accepted."""
+    allow_unauthenticated: bool = False
+    """The operator's explicit consent to listen beyond loopback without API keys."""
 
     def __post_init__(self) -> None:
         check_root(self.root)
         if self.nats_url is not None:
             parse_nats_urls(self.nats_url)
+        if self.nats_ca is not None and not self.nats_ca.is_file():
+            raise ValueError(f"NATS CA file '{self.nats_ca}' does not exist")
+        if len({k.key for k in self.api_keys}) != len(self.api_keys):
+            raise ValueError("the same API key is configured twice")
         if not 0 < self.port < 65536:
             raise ValueError(f"invalid port {self.port}")
         for name in ("accept_timeout_s", "replica_accept_timeout_s", "stream_idle_timeout_s",

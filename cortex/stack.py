@@ -4,6 +4,11 @@ embedded nats-server (child) → one neuron (child, ``python -m neuron``) → th
 process, uvicorn). The gateway never imports torch; the neuron does. Ctrl-C (or SIGTERM) stops the
 gateway, then the neuron (it drains), then the server. If the neuron exits on its own, the stack
 stops too and reports it.
+
+The server is locked (`cortex.bus_roles.BusLock`): users ``gateway`` and ``neuron-<node>`` with
+passwords made for this run and the shipped roles' permissions, so no other local process can join
+the bus, read prompts or answer jobs. The neuron gets its URL (password included) in its
+environment, never on its command line, which every local user can read.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -23,10 +29,13 @@ from typing import Final
 
 import uvicorn
 
+from bus_schema.subjects import DEFAULT_ROOT
 from cortex.app import create_app
 from cortex.bus import GatewayBus
+from cortex.bus_roles import BusLock
 from cortex.embedded_nats import EmbeddedNatsServer
 from cortex.fleet import FleetView
+from cortex.server import gateway_config
 from cortex.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -71,12 +80,11 @@ class StackOptions:
     log_level: str = "info"
 
 
-def neuron_command(options: StackOptions, model: Path, nats_url: str) -> list[str]:
-    """The neuron child's command line."""
+def neuron_command(options: StackOptions, model: Path) -> list[str]:
+    """The neuron child's command line (its NATS URL comes in `neuron_environment`)."""
     served_name = options.served_name or (None if options.model else DEFAULT_MODEL_ID)
     cmd = [
         sys.executable, "-m", "neuron",
-        "--nats-url", nats_url,
         "--name", options.node_name,
         "--model", str(model),
         "--device", options.device,
@@ -85,6 +93,12 @@ def neuron_command(options: StackOptions, model: Path, nats_url: str) -> list[st
     if served_name:
         cmd += ["--served-name", served_name]
     return cmd
+
+
+def neuron_environment(nats_url: str) -> dict[str, str]:
+    """The neuron child's environment: ours, and the NATS URL with its password (readable only by
+    this user, unlike a command line)."""
+    return {**os.environ, "NEURON_NATS_URL": nats_url, "NEURON_ROOT": DEFAULT_ROOT}
 
 
 def run_stack(options: StackOptions) -> int:
@@ -96,18 +110,22 @@ def run_stack(options: StackOptions) -> int:
     # the signal: make that a no-op so the neuron and the server are still stopped in order.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _ignore_signal)
-    nats_server = EmbeddedNatsServer(port=options.nats_port)
+    lock = BusLock.generate(root=DEFAULT_ROOT, nodes=(options.node_name,))
+    nats_server = EmbeddedNatsServer(port=options.nats_port, auth_config=lock.server_config())
     address = nats_server.start()
     neuron: subprocess.Popen[bytes] | None = None
     try:
         neuron = subprocess.Popen(
-            neuron_command(options, model, address.url),
+            neuron_command(options, model),
+            env=neuron_environment(lock.neuron(options.node_name).url(address)),
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # we stop it ourselves, after the gateway
         )
-        settings = GatewaySettings(host=options.host, port=options.port, nats_url=address.url)
+        gateway_url = lock.gateway.url(address)
+        settings = GatewaySettings(host=options.host, port=options.port, nats_url=gateway_url,
+                                   root=DEFAULT_ROOT)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_serve_gateway(settings, address.url, neuron, options))
+            return runner.run(_serve_gateway(settings, gateway_url, neuron, options))
     finally:
         if neuron is not None:
             _stop_child(neuron, "neuron")
@@ -122,7 +140,7 @@ async def _serve_gateway(
 ) -> int:
     bus = GatewayBus(replace(settings, nats_url=nats_url), FleetView())
     app = create_app(bus.settings, bus=bus)
-    config = uvicorn.Config(
+    config = gateway_config(
         app, host=settings.host, port=settings.port, log_level=options.log_level,
         lifespan="on", timeout_graceful_shutdown=5, log_config=None,
     )

@@ -105,6 +105,7 @@ def build_settings(
     use_chat_template: bool | None = None,
     memory_budget_mb: int | None = None,
     nats_credentials: Path | None = None,
+    nats_ca: Path | None = None,
     config_path: Path | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> NeuronSettings:
@@ -123,6 +124,7 @@ def build_settings(
         "nats.url": nats_url,
         "nats.root": root,
         "nats.credentials": _absolute(nats_credentials),
+        "nats.ca_file": _absolute(nats_ca),
         "device": device,
         "dtype": dtype,
         "max_jobs": max_jobs,
@@ -161,6 +163,7 @@ def serve(
     name: str | None = None,
     nats_url: str | None = None,
     nats_credentials: Path | None = None,
+    nats_ca: Path | None = None,
     root: str | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -197,6 +200,8 @@ def serve(
         NATS server URL (default nats://127.0.0.1:4222).
     nats_credentials
         NATS .creds file.
+    nats_ca
+        CA certificate (PEM) to trust for a NATS server's TLS certificate (tls:// URLs).
     root
         Subject root shared by the gateway and neurons of one fleet (default cortex).
     device
@@ -235,7 +240,7 @@ def serve(
             prefill_chunk_tokens=prefill_chunk_tokens, max_prompt_tokens=max_prompt_tokens,
             min_free_vram_mb=min_free_vram_mb, use_chat_template=use_chat_template,
             memory_budget_mb=memory_budget_mb, nats_credentials=nats_credentials,
-            config_path=config_path,
+            nats_ca=nats_ca, config_path=config_path,
         )
     except ConfigError as exc:
         log.error("%s", exc)

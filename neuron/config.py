@@ -128,6 +128,8 @@ class NatsTable(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     root: str = DEFAULT_ROOT
     credentials: str | None = None
     """Path to a NATS ``.creds`` file."""
+    ca_file: str | None = None
+    """PEM file of the CA that signed the servers' TLS certificates (``tls://`` URLs)."""
 
 
 class NeuronConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -276,6 +278,7 @@ def settings_from_config(
         nats_url=config.nats.url,
         root=config.nats.root,
         nats_credentials=_path(config.nats.credentials, base_dir),
+        nats_ca=_path(config.nats.ca_file, base_dir),
         models=models,
         device=config.device,
         dtype=config.dtype,

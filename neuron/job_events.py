@@ -54,13 +54,14 @@ class JobEvents:
         self._seq += 1
         return self._seq
 
-    async def accept(self, *, node: str, model: str, prompt_tokens: int, max_tokens: int) -> None:
+    async def accept(self, *, node: str, model: str, prompt_tokens: int, max_tokens: int,
+                     resumed_tokens: int = 0) -> None:
         if self.accepted or self.ended:
             raise RuntimeError(f"job {self.job_id}: accepted twice or after its end")
         self.accepted = True
         await self._send(JobAccepted(job_id=self.job_id, seq=self._next(), node=node,
                                      model=model, prompt_tokens=prompt_tokens,
-                                     max_tokens=max_tokens))
+                                     max_tokens=max_tokens, resumed_tokens=resumed_tokens))
 
     async def chunk(self, source: ChunkSource) -> None:
         """Send what ``source`` has collected, if anything."""

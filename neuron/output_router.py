@@ -193,6 +193,12 @@ class OutputRouter:
             pos = start + len(marker)
             self._on_marker(out, marker)
 
+    def replay(self, text: str) -> None:
+        """Route text whose output was already delivered (a resumed generation, see
+        `neuron.resume`): the state advances exactly as `push` would advance it (held-back text,
+        reasoning or tool-call mode, tool-call count), and nothing is returned."""
+        self.push(text)
+
     def flush(self) -> list[Piece]:
         """End the generation: release held text and any unterminated tool call as text."""
         out: list[Piece] = []

@@ -5,6 +5,9 @@ with contiguous ``seq``, then one terminal `JobFinished`/`JobFailed`. Tokens are
 chunk carries everything the model produced since the previous publish (up to
 ``chunk_max_tokens``), so a fast model sends few messages and a slow one sends each token at once.
 
+A job with `JobRequest.resume` continues a generation another neuron started (failover): it is
+accepted and generated after the delivered tokens, which only their replay sees (`neuron.resume`).
+
 This is the only place in the neuron that catches broad exceptions: an engine failure becomes a
 `JobFailed` for this job, and the neuron takes the next one.
 """
@@ -54,6 +57,7 @@ from neuron.output_router import (
     prompt_opens_reasoning,
 )
 from neuron.residency import ModelSlot
+from neuron.resume import ResumedText, id_decoder
 from neuron.settings import NeuronSettings
 
 log = logging.getLogger(__name__)
@@ -338,10 +342,22 @@ class JobRunner:
             return
         budget = context - len(prompt_ids)
         max_tokens = min(job.params.max_tokens or budget, budget)
+        # Raw prompts (/v1/completions) are not routed: their output is text, markers included.
+        router = None if job.prompt is not None else OutputRouter(
+            start_in_reasoning=prompt_opens_reasoning(prompt.text), tools=prompt.tools,
+            parse_tools=bool(job.tools), job_id=job.job_id,
+        )
+        resumed: ResumedText | None = None
+        if job.resume is not None:
+            resumed = await self._resume(job, model, router, events, jlog)
+            if resumed is None or cancelled.is_set():
+                return
+        delivered = job.resume.token_ids if job.resume is not None else ()
         await events.accept(node=self._settings.name, model=job.model,
-                            prompt_tokens=len(prompt_ids), max_tokens=max_tokens)
+                            prompt_tokens=len(prompt_ids), max_tokens=max_tokens,
+                            resumed_tokens=len(delivered))
         params = GenerationParams(
-            max_tokens=max_tokens,
+            max_tokens=max(max_tokens - len(delivered), 0),
             temperature=job.params.temperature,
             top_p=job.params.top_p,
             top_k=job.params.top_k,
@@ -359,11 +375,6 @@ class JobRunner:
         queue: asyncio.Queue[_Routed | Finish | BaseException | object] = asyncio.Queue()
         deadline = job.deadline
         expired = threading.Event()
-        # Raw prompts (/v1/completions) are not routed: their output is text, markers included.
-        router = None if job.prompt is not None else OutputRouter(
-            start_in_reasoning=prompt_opens_reasoning(prompt.text), tools=prompt.tools,
-            parse_tools=bool(job.tools), job_id=job.job_id,
-        )
 
         def split(text: str, *, final: bool = False) -> list[Piece]:  # on the model's thread
             if router is None:
@@ -382,13 +393,19 @@ class JobRunner:
                 case Started():
                     put(_STARTED)
                 case Step():
-                    put(_Routed(item.token_id, split(item.text)))
+                    text = item.text if resumed is None else resumed.step(item.token_id)
+                    if text is None:
+                        return  # after a stop string the runner matched: the engine is stopping
+                    put(_Routed(item.token_id, split(text)))
+                    if resumed is not None and resumed.matched is not None:
+                        cancelled.set()
                     if deadline is not None and not cancelled.is_set() and time.time() > deadline:
                         expired.set()
                         cancelled.set()
                 case Finish():
-                    put(_Routed(None, split(item.text, final=True)))
-                    put(item)
+                    tail, final = (item.text, item) if resumed is None else resumed.finish(item)
+                    put(_Routed(None, split(tail, final=True)))
+                    put(final)
                     put(_DONE)
                     loop.call_soon_threadsafe(_resolve, done)
                 case BaseException():
@@ -401,7 +418,7 @@ class JobRunner:
         def run_alone() -> None:  # on the model's thread, for engines that do not batch
             emit(STARTED)
             try:
-                for item in model.generate(prompt_ids, params, cancelled):
+                for item in model.generate(engine_prompt, params, cancelled):
                     emit(item)
                     if isinstance(item, Finish):
                         return
@@ -411,9 +428,13 @@ class JobRunner:
 
         slot.waiting += 1
         started_at: float | None = None
-        if isinstance(model, BatchingModel):
+        engine_prompt = [*prompt_ids, *delivered]
+        if resumed is not None and (resumed.matched is not None or params.max_tokens <= 0):
+            emit(STARTED)  # the delivered tokens already ended the generation
+            emit(Finish(reason="length", completion_tokens=0))
+        elif isinstance(model, BatchingModel):
             try:
-                model.submit(prompt_ids, params, cancelled, emit)
+                model.submit(engine_prompt, params, cancelled, emit)
             except (ValueError, NeuronError) as exc:
                 emit(STARTED)
                 emit(exc)
@@ -484,10 +505,42 @@ class JobRunner:
                             decode_ms=finish.decode_seconds * 1e3),
         )
         jlog.info(
-            "finished model=%s reason=%s prompt=%d completion=%d queue=%.0fms prefill=%.0fms "
-            "decode=%.0fms", job.model, reason, len(prompt_ids), finish.completion_tokens,
-            queue_s * 1e3, finish.prefill_seconds * 1e3, finish.decode_seconds * 1e3,
+            "finished model=%s reason=%s prompt=%d completion=%d resumed=%d queue=%.0fms "
+            "prefill=%.0fms decode=%.0fms", job.model, reason, len(prompt_ids),
+            finish.completion_tokens, len(delivered), queue_s * 1e3,
+            finish.prefill_seconds * 1e3, finish.decode_seconds * 1e3,
         )
+
+    async def _resume(
+        self, job: JobRequest, model: LoadedModel, router: OutputRouter | None,
+        events: JobEvents, jlog: JobLog,
+    ) -> ResumedText | None:
+        """Replay a resumed job's delivered tokens (`neuron.resume`) through a fresh
+        detokenizer, stop matcher and ``router``, off the loop; None after failing the job (ids
+        outside the vocabulary, or a model that cannot decode ids outside its engine)."""
+        assert job.resume is not None
+        delivered = job.resume.token_ids
+        vocab = model.info.vocab_size
+        if any(i >= vocab for i in delivered):
+            await events.fail(ErrorCode.INVALID_REQUEST,
+                              f"resumed token ids must be in [0, {vocab})")
+            return None
+        decode = id_decoder(model)
+        if decode is None:
+            await events.fail(ErrorCode.ENGINE_ERROR,
+                              f"engine '{model.info.engine}' cannot resume a generation")
+            return None
+        resumed = ResumedText(decode, job.params.stop, delivered)
+
+        def replay() -> None:  # CPU-bound: decodes every delivered token
+            for text in resumed.replay():
+                if router is not None and text:
+                    router.replay(text)
+
+        await asyncio.to_thread(replay)
+        jlog.info("resuming job %s after %d delivered tokens", job.resume.resumed_from,
+                  len(delivered))
+        return resumed
 
 
 def _engine_failure(error: BaseException | None) -> str:

@@ -122,6 +122,9 @@ class NeuronSettings:
     """Enabled engines."""
     nats_credentials: Path | None = None
     """A NATS ``.creds`` file, if the server wants one."""
+    nats_ca: Path | None = None
+    """PEM file of the authority that signed the NATS servers' TLS certificates (a private CA);
+    None trusts the system's authorities."""
 
     def __post_init__(self) -> None:
         sources = dict(self.sources)
@@ -135,6 +138,8 @@ class NeuronSettings:
         check_node_name(self.name)
         check_root(self.root)
         parse_nats_urls(self.nats_url)
+        if self.nats_ca is not None and not self.nats_ca.is_file():
+            raise ValueError(f"NATS CA file '{self.nats_ca}' does not exist")
         if self.heartbeat_interval_s <= 0:
             raise ValueError("heartbeat interval must be positive")
         if self.max_jobs < 1 or self.max_batch < 1:

@@ -133,7 +133,7 @@ class Worker:
         endpoint = parse_nats_urls(s.nats_url)
         credentials = {"user_credentials": str(s.nats_credentials)} if s.nats_credentials else {}
         self._nc = await nats.connect(
-            **endpoint.connect_options(),
+            **endpoint.connect_options(ca_file=s.nats_ca),
             **credentials,
             name=f"neuron:{s.name}",
             error_cb=self._on_error,

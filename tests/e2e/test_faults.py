@@ -1,5 +1,6 @@
 """A neuron that vanishes mid-stream must not leave the client hanging: the gateway notices the
-missing heartbeats and ends the stream with an error event in the client's dialect."""
+missing heartbeats and, with no other replica to resume the generation on (tests/faults has
+those), ends the stream with an error event in the client's dialect."""
 
 from __future__ import annotations
 
@@ -50,4 +51,5 @@ def test_stream_from_a_vanished_neuron_ends_with_an_error_event(
     error = json.loads(events[-2].removeprefix(b"data: "))["error"]
     assert error["type"] == "server_error"
     assert "stopped heartbeating" in error["message"]
+    assert "could not be resumed" in error["message"]
     assert elapsed < 15, f"the client waited {elapsed:.1f}s"

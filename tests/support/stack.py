@@ -16,6 +16,7 @@ import uvicorn
 from cortex.app import create_app
 from cortex.bus import GatewayBus
 from cortex.fleet import FleetView
+from cortex.server import gateway_config
 from cortex.settings import GatewaySettings
 from neuron.engines.base import Engine
 from neuron.settings import ModelSpec, NeuronSettings
@@ -112,7 +113,7 @@ class LocalStack:
             await self.worker.ready.wait()
         self.bus = GatewayBus(self.gateway_settings, FleetView())
         app = create_app(self.gateway_settings, bus=self.bus)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.gateway_settings.port,
+        config = gateway_config(app, host="127.0.0.1", port=self.gateway_settings.port,
                                 log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)
         serving = asyncio.ensure_future(self._server.serve())
@@ -125,7 +126,7 @@ class LocalStack:
         for extra_port in self._extra_ports:
             settings = replace(self.gateway_settings, port=extra_port,
                                gateway_id=f"{self.gateway_settings.gateway_id}-{extra_port}")
-            server = uvicorn.Server(uvicorn.Config(
+            server = uvicorn.Server(gateway_config(
                 create_app(settings, bus=GatewayBus(settings, FleetView())), host="127.0.0.1",
                 port=extra_port, log_level="warning", lifespan="on"))
             task = asyncio.ensure_future(server.serve())

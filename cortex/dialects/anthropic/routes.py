@@ -15,6 +15,7 @@ from litestar.response import Stream
 
 from bus_schema.messages import JobAccepted
 from cortex.answer import Rendering, answer
+from cortex.auth import require_model
 from cortex.bus import JobStream
 from cortex.context import Gateway
 from cortex.dialects.anthropic import render
@@ -77,6 +78,7 @@ def router(gw: Gateway) -> Router:
     async def count_tokens(request: AnyRequest) -> Response[bytes]:
         body = parse(await json_body(request))
         model = _model(body.model)
+        require_model(request, gw.settings.catalogue.resolve(model))
         translated = translate(body, model=model, version=request.headers.get("anthropic-version"),
                                count_only=True)
         count = await gw.tokens.count(translated.draft)

@@ -13,7 +13,7 @@ from bus_schema.messages import ChatMessage, ToolCall, ToolCallFunction, ToolDef
 from cortex.dialects.anthropic.shapes import ContentBlockIn, MessageIn, MessagesRequest, ToolIn
 from cortex.dispatch import JobDraft, Sampling
 from cortex.errors import ApiError, Reason, bad_request
-from cortex.http import decode_body
+from cortex.http import decode_body, within_bus_limits
 
 _decoder: Final = msgspec.json.Decoder(MessagesRequest)
 _json: Final = msgspec.json.Encoder()
@@ -120,14 +120,17 @@ def _tools(tools: list[ToolIn] | None) -> tuple[ToolDefinition, ...]:
     out: list[ToolDefinition] = []
     for i, tool in enumerate(tools or ()):
         if tool.type == "function" and tool.function is not None:
-            out.append(ToolDefinition(name=tool.function.name,
-                                      description=tool.function.description,
-                                      parameters=tool.function.parameters or {"type": "object"}))
+            out.append(within_bus_limits(ToolDefinition(
+                name=tool.function.name, description=tool.function.description,
+                parameters=tool.function.parameters or {"type": "object"},
+            ), param=f"tools[{i}].function"))
         elif tool.type in (None, "custom"):
             if not tool.name:
                 raise bad_request(f"tools.{i}.name: Field required", param=f"tools[{i}].name")
-            out.append(ToolDefinition(name=tool.name, description=tool.description,
-                                      parameters=tool.input_schema or {"type": "object"}))
+            out.append(within_bus_limits(ToolDefinition(
+                name=tool.name, description=tool.description,
+                parameters=tool.input_schema or {"type": "object"},
+            ), param=f"tools[{i}]"))
         # else: a server tool (web_search, bash…): this gateway cannot run it; dropped (§8.2)
     return tuple(out)
 

@@ -17,7 +17,7 @@ from cortex.dialects.openai.shapes import (
 )
 from cortex.dispatch import JobDraft, Sampling
 from cortex.errors import ApiError, Reason, bad_request
-from cortex.http import decode_body
+from cortex.http import decode_body, within_bus_limits
 
 _chat_decoder: Final = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder: Final = msgspec.json.Decoder(CompletionRequest)
@@ -131,11 +131,11 @@ def tool_definitions(tools: list[ToolIn] | None) -> tuple[ToolDefinition, ...]:
         if tool.type != "function" or tool.function is None or not tool.function.name:
             raise bad_request("each tool must be {\"type\": \"function\", \"function\": "
                               "{\"name\": …}}", param=f"tools[{i}]")
-        out.append(ToolDefinition(
+        out.append(within_bus_limits(ToolDefinition(
             name=tool.function.name,
             description=tool.function.description,
             parameters=tool.function.parameters or {"type": "object", "properties": {}},
-        ))
+        ), param=f"tools[{i}].function"))
     return tuple(out)
 
 
