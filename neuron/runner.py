@@ -369,6 +369,7 @@ class JobRunner:
                 else self._settings.default_repetition_penalty
             ),
             repetition_window=self._settings.repetition_window,
+            history=delivered,
             presence_penalty=job.params.presence_penalty,
             frequency_penalty=job.params.frequency_penalty,
         )

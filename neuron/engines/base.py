@@ -79,6 +79,10 @@ class GenerationParams:
     """How many of the most recent generated tokens the repetition penalty looks at."""
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    history: tuple[int, ...] = ()
+    """Tokens this generation produced before this call (a generation resumed after a failover,
+    already at the end of the prompt): the penalties count them as generated, so a resumed
+    greedy generation picks what the uninterrupted one would."""
 
 
 @dataclass(frozen=True, slots=True)

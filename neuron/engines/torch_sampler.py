@@ -38,6 +38,8 @@ class Sampler:
             self._generator.seed()
         self._history: list[int] = []
         self._counts: dict[int, int] = {}
+        for token_id in params.history:
+            self.record(token_id)
 
     def record(self, token_id: int) -> None:
         """Note a generated token (for the penalties)."""

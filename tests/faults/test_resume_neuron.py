@@ -52,12 +52,23 @@ def model(tiny_model: TinyModel) -> Iterator[TorchModel]:
     loaded.close()
 
 
+#: The neuron's repetition penalty: none, or a strong one (its window must count the delivered
+#: tokens as generated, or the continuation picks other tokens).
+PENALTY = pytest.mark.parametrize("penalty", [1.0, 1.5], indirect=True)
+
+
 @pytest.fixture
-def neuron(nats_url: str, subject_root: str, tiny_model: TinyModel) -> Iterator[BackgroundWorker]:
+def penalty(request: pytest.FixtureRequest) -> float:
+    return float(getattr(request, "param", 1.0))
+
+
+@pytest.fixture
+def neuron(nats_url: str, subject_root: str, tiny_model: TinyModel,
+           penalty: float) -> Iterator[BackgroundWorker]:
     with BackgroundWorker(
         name="resumer", nats_url=nats_url, root=subject_root, engine=_engine(),
         models=[ModelSpec(source=str(tiny_model.folder), served_name=MODEL)],
-        settings=NeuronSettings(default_repetition_penalty=1.0),
+        settings=NeuronSettings(default_repetition_penalty=penalty),
     ) as worker:
         yield worker
 
@@ -80,11 +91,14 @@ class Answer:
     ids: list[int] = field(default_factory=list)
 
 
-def _greedy(model: TorchModel, stop: tuple[str, ...]) -> tuple[list[int], int]:
+def _greedy(model: TorchModel, stop: tuple[str, ...],
+            penalty: float = 1.0) -> tuple[list[int], int]:
     """The uninterrupted greedy ids (up to a stop string) and the prompt's size."""
     prompt = model.encode(model.render_chat([{"role": m.role, "content": m.content}
                                               for m in MESSAGES]))
-    params = GenerationParams(max_tokens=MAX_TOKENS, temperature=0.0, stop=stop)
+    params = GenerationParams(max_tokens=MAX_TOKENS, temperature=0.0, stop=stop,
+                              repetition_penalty=penalty,
+                              repetition_window=NeuronSettings().repetition_window)
     ids = [item.token_id for item in model.generate(prompt, params, threading.Event())
            if isinstance(item, Step)]
     return ids, len(prompt)
@@ -141,8 +155,8 @@ async def _run(bus: GatewayBus, stop: tuple[str, ...], resume: Sequence[int] | N
 
 
 async def _check_every_resumption(bus: GatewayBus, model: TorchModel,
-                                  stop: tuple[str, ...]) -> list[int]:
-    ids, prompt_tokens = _greedy(model, stop)
+                                  stop: tuple[str, ...], penalty: float = 1.0) -> list[int]:
+    ids, prompt_tokens = _greedy(model, stop, penalty)
     whole = await _run(bus, stop, None)
     assert whole.finish is not None and whole.accepted is not None
     assert whole.ids == ids[:len(whole.ids)]
@@ -161,10 +175,11 @@ async def _check_every_resumption(bus: GatewayBus, model: TorchModel,
     return ids
 
 
+@PENALTY
 async def test_resuming_at_every_token_continues_the_greedy_answer(
-    bus: GatewayBus, model: TorchModel
+    bus: GatewayBus, model: TorchModel, penalty: float,
 ) -> None:
-    ids = await _check_every_resumption(bus, model, ())
+    ids = await _check_every_resumption(bus, model, (), penalty)
     assert len(ids) == MAX_TOKENS  # the last case: every token delivered, nothing left to do
 
 
