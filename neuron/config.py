@@ -152,6 +152,7 @@ class NeuronConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     max_jobs: PositiveInt = 64
     max_batch: PositiveInt = 32
+    max_waiting: PositiveInt = 32
     torch_threads: PositiveInt | None = None
     quantize: Literal["auto", "none", "int8"] = "auto"
     prefix_cache_mb: NonNegativeInt = 256
@@ -286,6 +287,7 @@ def settings_from_config(
         heartbeat_interval_s=config.heartbeat_interval_s,
         max_jobs=config.max_jobs,
         max_batch=config.max_batch,
+        max_waiting=config.max_waiting,
         torch_threads=config.torch_threads,
         quantize=config.quantize,
         prefix_cache_mb=config.prefix_cache_mb,

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, assert_never
 
@@ -36,7 +36,7 @@ from bus_schema.messages import (
     ToolDefinition,
     Usage,
 )
-from neuron.devices import accelerator_free_mb
+from neuron.admission import Admission, Refusal, Ticket
 from neuron.engines.base import (
     STARTED,
     BatchingModel,
@@ -215,26 +215,13 @@ _CANCELLED_EARLY_KEPT: Final = 4096
 class JobRunner:
     """Runs jobs against resident models and publishes their streams."""
 
-    def __init__(
-        self,
-        settings: NeuronSettings,
-        *,
-        free_memory_mb: Callable[[str], int] = accelerator_free_mb,
-    ) -> None:
-        """``free_memory_mb`` reads a device's free memory (0: unknown, never refuses)."""
+    def __init__(self, settings: NeuronSettings, admission: Admission) -> None:
         self._settings = settings
-        self._free_memory_mb = free_memory_mb
+        self._admission = admission
         self._cancels: dict[str, threading.Event] = {}
         self._cancelled_early: OrderedDict[str, None] = OrderedDict()
         """Jobs cancelled before they arrived here (a gateway gave up waiting and went
         elsewhere): never run them if they turn up later, e.g. after the process was frozen."""
-        self._admitted = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    @property
-    def running(self) -> int:
-        return self._admitted
 
     def cancel(self, job_id: str) -> bool:
         """Ask a running job to stop; False if it is not running here, in which case it will not
@@ -248,27 +235,9 @@ class JobRunner:
         event.set()
         return True
 
-    async def wait_idle(self, limit_s: float) -> bool:
-        """Wait until no job is admitted; False if ``limit_s`` passed first."""
-        try:
-            async with asyncio.timeout(limit_s):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
-
     def cancel_all(self) -> None:
         for event in self._cancels.values():
             event.set()
-
-    def _low_memory(self, device: str) -> str | None:
-        """REFERENCE §6.3: refuse a job while the model's accelerator has less free memory than
-        ``min_free_vram_mb`` (skipped when the reading is 0, as on the CPU)."""
-        free = self._free_memory_mb(device)
-        required = self._settings.min_free_vram_mb
-        if free and free < required:
-            return f"insufficient free VRAM: {free} MiB free, need at least {required} MiB"
-        return None
 
     async def run(self, job: JobRequest, slot: ModelSlot | None, publish: Publish) -> None:
         """Run ``job`` to its terminal event. Never raises except `CancelledError`; a failure
@@ -283,21 +252,14 @@ class JobRunner:
             await events.fail(ErrorCode.MODEL_NOT_LOADED,
                               f"model '{job.model}' not loaded on this neuron", retryable=True)
             return
-        if self._admitted >= self._settings.max_jobs:
-            await events.fail(ErrorCode.OVERLOADED,
-                              f"neuron '{self._settings.name}' is at its limit of "
-                              f"{self._settings.max_jobs} jobs", retryable=True)
-            return
-        refusal = self._low_memory(slot.model.info.device)
-        if refusal is not None:
-            await events.fail(ErrorCode.INSUFFICIENT_MEMORY, refusal, retryable=True)
+        ticket = self._admission.admit(slot)
+        if isinstance(ticket, Refusal):
+            await events.fail(ticket.code, ticket.message, retryable=True)
             return
         cancelled = threading.Event()
         self._cancels[job.job_id] = cancelled
-        self._admitted += 1
-        self._idle.clear()
         try:
-            await self._run_admitted(job, slot, slot.require(), events, cancelled, jlog)
+            await self._run_admitted(job, slot, ticket, events, cancelled, jlog)
         except asyncio.CancelledError:
             cancelled.set()
             raise
@@ -308,20 +270,19 @@ class JobRunner:
                                   "internal error in the neuron; see its log for job "
                                   f"{job.job_id}")
         finally:
-            self._admitted -= 1
-            if not self._admitted:
-                self._idle.set()
+            ticket.close()
             self._cancels.pop(job.job_id, None)
 
     async def _run_admitted(
         self,
         job: JobRequest,
         slot: ModelSlot,
-        model: LoadedModel,
+        ticket: Ticket,
         events: JobEvents,
         cancelled: threading.Event,
         jlog: JobLog,
     ) -> None:
+        model = slot.require()
         loop = asyncio.get_running_loop()
         accepted_at = time.monotonic()
         context = model.info.context_length
@@ -427,7 +388,6 @@ class JobRunner:
             except BaseException as exc:  # noqa: BLE001 - surfaced on the loop as a JobFailed
                 emit(exc)
 
-        slot.waiting += 1
         started_at: float | None = None
         engine_prompt = [*prompt_ids, *delivered]
         if resumed is not None and (resumed.matched is not None or params.max_tokens <= 0):
@@ -465,8 +425,7 @@ class JobRunner:
                 for entry in batch:
                     if entry is _STARTED:
                         started_at = time.monotonic()
-                        slot.waiting -= 1
-                        slot.running += 1
+                        ticket.started()
                     elif isinstance(entry, _Routed):
                         await add(entry)
                     elif isinstance(entry, Finish):
@@ -481,10 +440,7 @@ class JobRunner:
             raise
         finally:
             await asyncio.shield(done)
-            if started_at is None:
-                slot.waiting -= 1
-            else:
-                slot.running -= 1
+            ticket.close()
         if finish is None:
             message = f"{type(error).__name__}: {error}" if error else "engine ended without result"
             jlog.error("generation failed: %s", message, exc_info=error)

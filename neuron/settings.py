@@ -100,6 +100,9 @@ class NeuronSettings:
     memory_budget_mb: int | None = None
     max_batch: int = 32
     """Sequences one model runs at once (continuous batching); more wait for a place."""
+    max_waiting: int = 32
+    """Jobs that may wait for a place in one model's batch; more are refused as busy, so the
+    gateway tries another replica (`neuron.admission`)."""
     quantize: str = "auto"
     """``auto`` (int8 weights on a CPU without fast bfloat16), ``none`` or ``int8``."""
     prefix_cache_mb: int = 256
@@ -142,8 +145,8 @@ class NeuronSettings:
             raise ValueError(f"NATS CA file '{self.nats_ca}' does not exist")
         if self.heartbeat_interval_s <= 0:
             raise ValueError("heartbeat interval must be positive")
-        if self.max_jobs < 1 or self.max_batch < 1:
-            raise ValueError("max_jobs and max_batch must be at least 1")
+        if self.max_jobs < 1 or self.max_batch < 1 or self.max_waiting < 1:
+            raise ValueError("max_jobs, max_batch and max_waiting must be at least 1")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError("torch_threads must be at least 1")
         if self.max_prompt_tokens < 1 or self.prefill_chunk_tokens < 1:

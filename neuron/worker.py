@@ -46,6 +46,7 @@ from bus_schema.subjects import (
     job_subject,
     node_job_subject,
 )
+from neuron.admission import Admission
 from neuron.control import ControlPlane
 from neuron.devices import host_info, resolve_device
 from neuron.engines.base import Engine
@@ -89,7 +90,8 @@ class Worker:
         )
         self._loads: dict[str, asyncio.Future[None]] = {}
         """Loads in progress by model id: a second load of the same model waits for the first."""
-        self._runner = JobRunner(settings)
+        self._admission = Admission(settings)
+        self._runner = JobRunner(settings, self._admission)
         self._control = ControlPlane(self, reply=self._reply, spawn=self._spawn)
         self._job_subs: dict[str, list[Subscription]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -110,6 +112,11 @@ class Worker:
     @property
     def residency(self) -> Residency:
         return self._residency
+
+    @property
+    def jobs_running(self) -> int:
+        """Jobs in progress on this neuron (what its heartbeat reports)."""
+        return self._admission.running
 
     @property
     def nc(self) -> NatsClient:
@@ -162,7 +169,7 @@ class Worker:
         self._stopping = True
         self._activation("stopping", None, None, "")
         await self._stop_taking_jobs()
-        if not await self._runner.wait_idle(self.settings.drain_timeout_s):
+        if not await self._admission.wait_idle(self.settings.drain_timeout_s):
             log.warning("jobs still running after %.0fs; cancelling them",
                         self.settings.drain_timeout_s)
         self._runner.cancel_all()
@@ -332,7 +339,7 @@ class Worker:
             devices=self._residency.devices(),
             models=self._residency.snapshot(),
             activation=activation,
-            jobs_running=self._runner.running,
+            jobs_running=self._admission.running,
             max_jobs=self.settings.max_jobs,
             draining=self._draining,
         )

@@ -795,7 +795,7 @@ def test_busy_neuron_is_529_overloaded_with_retry_after(
             for line in lines:
                 if line == "event: content_block_delta":
                     break  # the one slot is taken and generating
-            assert busy.worker is not None and busy.worker._runner.running == 1
+            assert busy.worker is not None and busy.worker.jobs_running == 1
             with busy.anthropic_client() as client, pytest.raises(
                     anthropic.OverloadedError) as info:
                 client.messages.create(model=MODEL, max_tokens=10,
@@ -807,11 +807,11 @@ def test_busy_neuron_is_529_overloaded_with_retry_after(
         assert info.value.body["error"]["type"] == "overloaded_error"
         assert assert_error(refused, 529, "overloaded_error")
         assert refused.headers["retry-after"] == "1"
-        runner = busy.worker._runner
+        worker = busy.worker
         deadline = time.monotonic() + 3
-        while runner.running and time.monotonic() < deadline:
+        while worker.jobs_running and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert runner.running == 0, "closing the stream must cancel the job"
+        assert worker.jobs_running == 0, "closing the stream must cancel the job"
 
 
 # ------------------------------------------------------------------ headers and versions

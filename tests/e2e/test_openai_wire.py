@@ -203,8 +203,8 @@ def test_disconnect_mid_stream_cancels_the_job_on_the_neuron(
         stream.close()
         client.close()
         assert stack.worker is not None
-        runner = stack.worker._runner
+        worker = stack.worker
         deadline = time.monotonic() + 3  # the script alone would run for 10 s
-        while runner.running and time.monotonic() < deadline:
+        while worker.jobs_running and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert runner.running == 0, "the neuron kept generating after the client left"
+        assert worker.jobs_running == 0, "the neuron kept generating after the client left"

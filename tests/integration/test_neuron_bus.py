@@ -266,7 +266,7 @@ async def test_admission_limit_refuses_with_overloaded(
     try:
         first = asyncio.ensure_future(run_job(client, subject_root, chat_job()))
         async with asyncio.timeout(5):
-            while worker._runner.running == 0:  # noqa: ASYNC110 - wait for the first admission
+            while worker.jobs_running == 0:  # noqa: ASYNC110 - wait for the first admission
                 await asyncio.sleep(0.01)
         second = await run_job(client, subject_root, chat_job())
         assert isinstance(second[0], messages.JobFailed)
