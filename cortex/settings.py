@@ -23,7 +23,7 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     """Interface to listen on; `cortex.cli` picks 0.0.0.0 by default when API keys are set."""
     port: int = 31313
-    nats_url: str | None = None
+    nats_url: str | None = field(default=None, repr=False)  # may hold a password
     """None: start the embedded nats-server (see `cortex.embedded_nats`)."""
     nats_ca: Path | None = None
     """PEM file of the CA that signed the NATS servers' TLS certificates; None: the system's."""

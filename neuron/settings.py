@@ -76,7 +76,7 @@ def default_node_name() -> str:
 class NeuronSettings:
     name: str = field(default_factory=default_node_name)
     """Node name on the bus (a subject token)."""
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = field(default="nats://127.0.0.1:4222", repr=False)  # may hold a password
     root: str = DEFAULT_ROOT
     """Subject root; tests use their own."""
     models: tuple[ModelSpec, ...] = ()

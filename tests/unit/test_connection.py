@@ -59,3 +59,12 @@ def test_urls_are_redacted_for_logs_and_the_endpoint_repr_hides_secrets() -> Non
 
 def test_without_a_ca_file_nats_py_keeps_its_default_tls() -> None:
     assert parse_nats_urls("tls://bus:4222").connect_options()["tls"] is None
+
+
+def test_settings_reprs_never_show_the_bus_password() -> None:
+    from cortex.settings import GatewaySettings
+    from neuron.settings import NeuronSettings
+
+    url = "nats://neuron-a:hunter2-secret@nats-a:4222"
+    assert "hunter2" not in repr(GatewaySettings(nats_url=url))
+    assert "hunter2" not in repr(NeuronSettings(nats_url=url))
