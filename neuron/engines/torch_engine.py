@@ -35,7 +35,7 @@ from neuron.engines.base import (
 )
 from neuron.engines.torch_batching import BatchLoop, BatchStats
 from neuron.engines.torch_decoder import DecoderModel
-from neuron.engines.torch_quant import cpu_has_fast_bf16, quantize_int8
+from neuron.engines.torch_quant import cpu_has_fast_bf16, quantize
 from neuron.engines.torch_weights import (
     GGUFFile,
     config_from_gguf,
@@ -61,7 +61,7 @@ _DTYPES: Final = {
 }
 # Share of the progress bar spent before the weights (config, tokenizer, template).
 _PREPARE_SHARE: Final = 0.05
-Quantize = Literal["auto", "none", "int8"]
+Quantize = Literal["auto", "none", "int8", "int4"]
 #: Reads a prepared model's weights, reporting progress in [0, 1].
 _WeightsLoader = Callable[[ProgressCallback], DecoderModel]
 
@@ -130,8 +130,9 @@ class TorchEngine:
             max_batch: sequences one model runs at once (more wait for a place).
             threads: torch's intra-op threads on the CPU (None: all cores but one, so the event
                 loop and the bus keep a core under full load).
-            quantize: ``int8``: linear weights as int8 (CPU only; `neuron.engines.torch_quant`);
-                ``auto``: int8 on a CPU without fast bfloat16, else as ``dtype``; ``none``.
+            quantize: ``int8`` / ``int4``: linear weights as int8 / int4 (CPU only;
+                `neuron.engines.torch_quant`); ``auto``: int8 on a CPU without fast bfloat16,
+                else as ``dtype``; ``none``.
             prefix_cache_mb: per model, KV cache of finished sequences kept for prompts that
                 start the same way (`neuron.engines.torch_prefix`).
 
@@ -148,9 +149,13 @@ class TorchEngine:
         if prefix_cache_mb < 0:
             raise ValueError("prefix_cache_mb must be >= 0")
         self.prefix_cache_mb = prefix_cache_mb
-        self.int8 = self.device.type == "cpu" and (
-            quantize == "int8" or (quantize == "auto" and not cpu_has_fast_bf16()))
-        if self.int8:
+        self.bits = 0
+        if self.device.type == "cpu":
+            if quantize in ("int8", "int4"):
+                self.bits = 8 if quantize == "int8" else 4
+            elif quantize == "auto" and not cpu_has_fast_bf16():
+                self.bits = 8
+        if self.bits:
             self.dtype = torch.float32  # activations; linear weights become int8 after loading
         if self.device.type == "cpu":
             torch.set_num_threads(threads or cpu_threads())
@@ -182,10 +187,10 @@ class TorchEngine:
         template = self._chat_template(files, tokenizer_config, gguf_template, tokenizer)
         model = load_weights(weights_progress)
         info = _model_info(files, model, self.device, self.dtype)
-        if self.int8:
-            progress(0.99, "quantising weights to int8")
-            info = dataclasses.replace(info, memory_bytes=quantize_int8(model),
-                                       dtype="int8 (float32 activations)")
+        if self.bits:
+            progress(0.99, f"quantising weights to int{self.bits}")
+            info = dataclasses.replace(info, memory_bytes=quantize(model, self.bits),
+                                       dtype=f"int{self.bits} (float32 activations)")
         logger.info(
             "loaded %s (%s, %s, %.1fM parameters, %.0f MiB, %s on %s) in %.2f s",
             files.model_id,

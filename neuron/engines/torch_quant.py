@@ -1,20 +1,22 @@
-"""Int8 weights for CPUs without fast 16-bit matrix units: every linear layer keeps its weights
-as per-output-channel int8 with a per-row scale; activations, attention and the KV cache stay
-float32.
+"""Quantised weights for CPUs without fast 16-bit matrix units: every linear layer keeps its
+weights as int8 (per-row scale; `Int8Linear`) or int4 (a scale and an offset per 32 weights, a
+GGUF Q4 block; `Int4Linear`); activations, attention and the KV cache stay float32.
 
 Each forward pass picks a kernel per *entry* (a sequence's new tokens, `RowPlan`), never per
 batch, so a sequence's numbers do not depend on who shares its step:
 
 - entries of fewer than `DENSE_MIN_ROWS` rows (every decode step, short prompts) use torch's
-  weight-only int8 kernel (``_weight_int8pack_mm``, bfloat16 inputs): it streams a quarter of
-  float32's bytes, and memory bandwidth is what bounds a decode step;
+  weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``; bfloat16
+  inputs): they stream a quarter (an eighth) of float32's bytes, and memory bandwidth is what
+  bounds a decode step;
 - longer prompt pieces dequantise the weight to float32 and use the float32 matrix product, which
   is compute-bound there and about 1.5x faster than the int8 kernel at 48+ rows.
 
 On AVX2-only CPUs torch's bfloat16 kernels take a slow path (about 8 GFLOP/s per core for matrix
 products, and attention 3.5x slower than float32, measured), so nothing but the int8 kernel's
-input is bfloat16. The activations are never quantised, so a row's result does not depend on the
-other rows of the batch: a sequence's greedy output is the same alone or batched.
+input is bfloat16 (and its output is rounded to bfloat16). The activations are never quantised,
+so a row's result does not depend on the other rows of the batch: a sequence's greedy output is
+the same alone or batched.
 """
 
 from __future__ import annotations
@@ -41,18 +43,12 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-class Int8Linear(nn.Module):
-    """``y = x W^T + b`` with ``W`` as int8 rows times a per-row scale."""
+class _QuantLinear(nn.Module):
+    """``y = x W^T + b`` with a quantised ``W``: a weight-only kernel for small entries, the
+    weight dequantised to float32 for prompt pieces of `DENSE_MIN_ROWS` rows or more."""
 
     def __init__(self, linear: nn.Linear, plan: RowPlan) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight_int8",
-                             torch.round(weight / scale.unsqueeze(1)).clamp(-127, 127)
-                             .to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.register_buffer("scale_column", scale.to(torch.bfloat16).float().unsqueeze(1))
         self.bias: torch.Tensor | None = (
             None if linear.bias is None else linear.bias.detach().float())
         self.in_features = linear.in_features
@@ -61,45 +57,118 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        parts = [self._multiply(flat[start:end], dense)
+        parts = [F.linear(flat[start:end].float(), self.dequantized()) if dense
+                 else self.small(flat[start:end].to(torch.bfloat16).contiguous()).float()
                  for start, end, dense in self._plan.segments_for(flat.shape[0], DENSE_MIN_ROWS)]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
-    def _multiply(self, rows: torch.Tensor, dense: bool) -> torch.Tensor:
-        weight, scale, column = self.weight_int8, self.scale, self.scale_column
-        assert isinstance(weight, torch.Tensor)
-        assert isinstance(scale, torch.Tensor)
-        assert isinstance(column, torch.Tensor)
-        if dense:
-            return F.linear(rows.float(), weight.float() * column)
-        return torch._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), weight,
-                                         scale).float()
+    @staticmethod
+    def fits(linear: nn.Linear) -> bool:
+        """Whether the kernel takes a layer of this shape. It reads the input in blocks: other
+        widths read past the row (seen: a crash for a width of 172 with more than four rows)."""
+        return linear.in_features % 32 == 0
+
+    def small(self, rows: torch.Tensor) -> torch.Tensor:
+        """The weight-only kernel on bfloat16 ``rows``."""
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight, ``[out, in]``."""
+        raise NotImplementedError
 
     def nbytes(self) -> int:
-        weight, scale, column = self.weight_int8, self.scale, self.scale_column
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class Int8Linear(_QuantLinear):
+    """Int8 rows times a per-row scale."""
+
+    def __init__(self, linear: nn.Linear, plan: RowPlan) -> None:
+        super().__init__(linear, plan)
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        self.register_buffer("weight_int8",
+                             torch.round(weight / scale.unsqueeze(1)).clamp(-127, 127)
+                             .to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("scale_column", scale.to(torch.bfloat16).float().unsqueeze(1))
+
+    def small(self, rows: torch.Tensor) -> torch.Tensor:
+        weight, scale = self.weight_int8, self.scale
         assert isinstance(weight, torch.Tensor)
         assert isinstance(scale, torch.Tensor)
+        return torch._weight_int8pack_mm(rows, weight, scale)
+
+    def dequantized(self) -> torch.Tensor:
+        weight, column = self.weight_int8, self.scale_column
+        assert isinstance(weight, torch.Tensor)
         assert isinstance(column, torch.Tensor)
-        return (weight.numel() + scale.numel() * scale.element_size()
-                + column.numel() * column.element_size())
+        return weight.float() * column
 
 
-#: The kernel reads the input in blocks: other widths read past the row (seen: a crash for a
-#: width of 172 with more than four rows). Layers of other widths stay in float32.
-_WIDTH_MULTIPLE = 32
+#: Weights per int4 scale and offset: a GGUF Q4_0 / Q4_1 block, so those files lose nothing more.
+INT4_GROUP: Final = 32
 
 
-def quantize_int8(model: DecoderModel) -> int:
-    """Replace ``model``'s linear layers with `Int8Linear` in place (the rest in float32);
-    returns the bytes the model's weights take afterwards."""
+class Int4Linear(_QuantLinear):
+    """4-bit weights in groups of `INT4_GROUP` along each row, each group with a scale and an
+    offset (``w = (q - 8) * scale + zero``, the layout of torch's int4 kernel). Half the bytes of
+    int8 per decode step; the nibbles are kept a second time, packed two per byte, for the
+    float32 path (torch has no unpacking operator for its kernel's layout)."""
+
+    def __init__(self, linear: nn.Linear, plan: RowPlan) -> None:
+        super().__init__(linear, plan)
+        out_features, in_features = linear.weight.shape
+        groups = linear.weight.detach().float().view(out_features, in_features // INT4_GROUP,
+                                                     INT4_GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        zero = low + 8 * scale
+        # the kernel reads scale and offset in bfloat16: quantise against those values
+        scale16, zero16 = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
+        scale32, low32 = scale16.float(), zero16.float() - 8 * scale16.float()
+        q = torch.round((groups - low32.unsqueeze(-1)) / scale32.unsqueeze(-1)).clamp(0, 15)
+        q = q.view(out_features, in_features).to(torch.uint8)
+        self.register_buffer("weight_int4", torch._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32), 1))
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scale16.t(), zero16.t()], dim=-1).contiguous())
+        self.register_buffer("nibbles", (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous())
+
+    @staticmethod
+    def fits(linear: nn.Linear) -> bool:
+        """The int4 kernel also packs output rows by 16."""
+        return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
+
+    def small(self, rows: torch.Tensor) -> torch.Tensor:
+        weight, scales = self.weight_int4, self.scales_and_zeros
+        assert isinstance(weight, torch.Tensor)
+        assert isinstance(scales, torch.Tensor)
+        return torch._weight_int4pack_mm_for_cpu(rows, weight, INT4_GROUP, scales)
+
+    def dequantized(self) -> torch.Tensor:
+        nibbles, scales = self.nibbles, self.scales_and_zeros
+        assert isinstance(nibbles, torch.Tensor)
+        assert isinstance(scales, torch.Tensor)
+        q = torch.stack([nibbles & 15, nibbles >> 4], dim=-1)
+        q = q.view(self.out_features, -1, INT4_GROUP)
+        scale, zero = scales.float().transpose(0, 1).unsqueeze(-2).unbind(-1)  # [out, groups, 1]
+        return ((q.float() - 8) * scale + zero).view(self.out_features, self.in_features)
+
+
+def quantize(model: DecoderModel, bits: int) -> int:
+    """Replace ``model``'s linear layers with `Int8Linear` (``bits`` 8) or `Int4Linear` (4) in
+    place (layers of shapes the kernel does not take stay float32); returns the bytes the
+    model's weights take afterwards."""
+    kind: type[_QuantLinear] = {8: Int8Linear, 4: Int4Linear}[bits]
     model.float()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.in_features % _WIDTH_MULTIPLE == 0:
-                setattr(parent, name, Int8Linear(child, model.row_plan))
+            if isinstance(child, nn.Linear) and kind.fits(child):
+                setattr(parent, name, kind(child, model.row_plan))
     params = {id(p): p for p in model.parameters()}.values()
     size = sum(p.numel() * p.element_size() for p in params)
-    return size + sum(m.nbytes() for m in model.modules() if isinstance(m, Int8Linear))
+    return size + sum(m.nbytes() for m in model.modules() if isinstance(m, _QuantLinear))

@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from neuron.engines.base import STARTED, Finish, GenerationParams, Started, Step
+from neuron.engines.torch_decoder import RowPlan
 from neuron.engines.torch_engine import TorchEngine, TorchModel
+from neuron.engines.torch_quant import Int4Linear, Int8Linear
 from tests.support.tiny_models import TinyModel, build_tiny_llama
 
 DTYPE = "float32"
@@ -89,8 +92,9 @@ def _greedy(max_tokens: int) -> GenerationParams:
 
 @pytest.mark.parametrize(("dtype", "quantize", "chunk"), [
     ("float32", "none", 16), ("bfloat16", "none", 16), ("auto", "int8", 16),
-    # prompt pieces of 32+ rows take int8's dense kernel, decode rows the int8 one
+    # prompt pieces of 32+ rows take the dequantised float32 path, decode rows the int8 kernel
     ("auto", "int8", 64),
+    ("auto", "int4", 16), ("auto", "int4", 64),
 ])
 def test_eight_sequences_decode_together_and_each_equals_its_solo_output(
     tiny: TinyModel, dtype: str, quantize: str, chunk: int,
@@ -217,15 +221,36 @@ def test_short_prompts_arriving_together_are_prefilled_in_the_same_step(tiny: Ti
         model.close()
 
 
-def test_int8_weights_report_their_size_and_kind(tiny: TinyModel) -> None:
-    dense = TorchEngine(dtype="bfloat16").load(tiny.safetensors_files(), _ignore)
+def test_quantised_weights_report_their_size_and_kind(tiny: TinyModel) -> None:
+    dense = TorchEngine(dtype="float32").load(tiny.safetensors_files(), _ignore)
     int8 = TorchEngine(quantize="int8").load(tiny.safetensors_files(), _ignore)
+    int4 = TorchEngine(quantize="int4").load(tiny.safetensors_files(), _ignore)
     try:
         assert int8.info.dtype == "int8 (float32 activations)"
-        assert int8.info.memory_bytes < dense.info.memory_bytes
+        assert int4.info.dtype == "int4 (float32 activations)"
+        # (int4: the kernel's copy plus the packed nibbles of the float32 path, about int8's
+        # size; this tiny model's odd-sized LM head stays float32 with int4)
+        assert int8.info.memory_bytes < int4.info.memory_bytes < dense.info.memory_bytes
     finally:
         dense.close()
         int8.close()
+        int4.close()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_both_kernels_of_a_quantised_layer_compute_the_same_weight(bits: int) -> None:
+    torch.manual_seed(0)
+    model_rows = RowPlan()
+    linear = torch.nn.Linear(64, 96, bias=True)
+    layer = Int8Linear(linear, model_rows) if bits == 8 else Int4Linear(linear, model_rows)
+    x = torch.randn(40, 64)
+    model_rows.set([40])  # one entry of 40 rows: the dequantised float32 path
+    dense = layer(x)
+    model_rows.set([1] * 40)  # forty entries of one row: the weight-only kernel
+    small = layer(x)
+    assert torch.allclose(dense, small, atol=0.05, rtol=0.02)
+    error = (dense - linear(x)).abs().max() / linear(x).abs().max()
+    assert error < (0.02 if bits == 8 else 0.15), error
 
 
 def test_a_failing_listener_cancels_only_its_own_sequence(model: TorchModel) -> None:
