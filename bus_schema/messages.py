@@ -311,6 +311,8 @@ class Heartbeat(BusMessage, frozen=True, tag="heartbeat", kw_only=True):
     jobs_running: NonNegInt = 0
     max_jobs: NonNegInt = 0
     draining: bool = False
+    dropped_messages: NonNegInt = 0
+    """Bad bus messages this node dropped since it started (`bus_schema.drops`)."""
 
 
 ActivationEventKind = Literal[

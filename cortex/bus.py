@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Final
+from typing import Final, assert_never
 
 import nats
 import nats.errors
@@ -26,12 +26,15 @@ from nats.micro.service import Service
 
 from bus_schema import codec
 from bus_schema.connection import parse_nats_urls
+from bus_schema.drops import Drops
 from bus_schema.messages import (
     PROTOCOL_VERSION,
+    Activation,
     CancelJob,
     ControlReply,
     ControlRequest,
     DiscoverRequest,
+    Heartbeat,
     JobAccepted,
     JobEvent,
     JobFailed,
@@ -42,10 +45,12 @@ from bus_schema.service import GATEWAY_SERVICE, package_version, service_version
 from bus_schema.subjects import (
     ControlVerb,
     Headers,
+    activation_subject,
     activation_wildcard,
     control_subject,
     discover_subject,
     gateway_inbox,
+    heartbeat_subject,
     heartbeat_wildcard,
     job_subject,
 )
@@ -243,10 +248,13 @@ class GatewayBus:
         must exit so its supervisor restarts it, not answer every request with an error."""
         self.settings = settings
         self.fleet = fleet
+        self.drops = Drops(log)
+        """Bad bus messages this gateway dropped."""
         self._on_lost = on_lost
         self.lost = False
         self._nc: NatsClient | None = None
         self._inbox = gateway_inbox(settings.gateway_id, root=settings.root)
+        self._discover_inbox = f"{self._inbox}.discover"
         self._streams: dict[str, JobStream] = {}
         self._closing = False
         self._service: Service | None = None
@@ -291,7 +299,7 @@ class GatewayBus:
         await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_inbox)
         await self._nc.subscribe(heartbeat_wildcard(root=root), cb=self._on_fleet)
         await self._nc.subscribe(activation_wildcard(root=root), cb=self._on_fleet)
-        await self._nc.subscribe(f"{self._inbox}.discover", cb=self._on_fleet)
+        await self._nc.subscribe(self._discover_inbox, cb=self._on_fleet)
         self._service = await nats.micro.add_service(
             self._nc,
             name=GATEWAY_SERVICE,
@@ -310,7 +318,7 @@ class GatewayBus:
         await nc.publish(
             discover_subject(root=self.settings.root),
             codec.encode(DiscoverRequest(gateway=self.settings.gateway_id)),
-            reply=f"{self._inbox}.discover",
+            reply=self._discover_inbox,
         )
         await nc.flush()
 
@@ -424,9 +432,26 @@ class GatewayBus:
         if not msg.data and msg.headers and msg.headers.get("Status"):
             return  # e.g. no-responders to a discovery nobody answered: no neurons yet
         try:
-            self.fleet.apply(codec.decode_fleet_event(msg.data))
+            event = codec.decode_fleet_event(msg.data)
         except codec.BusDecodeError as exc:
-            log.warning("undecodable fleet message on %s: %s", msg.subject, exc)
+            self.drops.drop("fleet", msg.subject, str(exc))
+            return
+        root = self.settings.root
+        match event:
+            case Heartbeat():
+                expected = heartbeat_subject(event.node, root=root)
+            case Activation():
+                expected = activation_subject(event.node, root=root)
+            case _:
+                assert_never(event)
+        if msg.subject != expected and not (msg.subject == self._discover_inbox
+                                            and isinstance(event, Heartbeat)):
+            # the subject is what the bus's permissions pin to a node: a body naming another
+            # node (or a heartbeat on an activation subject) is forged. Discovery answers come
+            # on this gateway's inbox, where any neuron may answer.
+            self.drops.drop("fleet", msg.subject, f"names node {event.node!r}, not its subject's")
+            return
+        self.fleet.apply(event)
 
     async def _on_error(self, exc: Exception) -> None:
         log.warning("NATS error: %s", exc)

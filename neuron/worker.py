@@ -27,6 +27,7 @@ from nats.micro.service import Service
 
 from bus_schema import codec
 from bus_schema.connection import parse_nats_urls
+from bus_schema.drops import Drops
 from bus_schema.messages import (
     Activation,
     ActivationEventKind,
@@ -44,6 +45,7 @@ from bus_schema.subjects import (
     discover_subject,
     heartbeat_subject,
     job_subject,
+    model_from_job_subject,
     node_job_subject,
 )
 from neuron.admission import Admission
@@ -91,6 +93,8 @@ class Worker:
         self._loads: dict[str, asyncio.Future[None]] = {}
         """Loads in progress by model id: a second load of the same model waits for the first."""
         self._admission = Admission(settings)
+        self.drops = Drops(log)
+        """Bad bus messages this neuron dropped (its heartbeat carries the count)."""
         self._runner = JobRunner(settings, self._admission)
         self._control = ControlPlane(self, reply=self._reply, spawn=self._spawn)
         self._job_subs: dict[str, list[Subscription]] = {}
@@ -297,10 +301,14 @@ class Worker:
         try:
             job = codec.decode_job_request(msg.data)
         except codec.BusDecodeError as exc:
-            log.warning("undecodable job on %s: %s", msg.subject, exc)
+            self.drops.drop("job", msg.subject, str(exc))
+            return
+        if model_from_job_subject(msg.subject, root=self.settings.root) != job.model:
+            # the subscription is what this neuron serves: a job naming another model is forged
+            self.drops.drop("job", msg.subject, f"names model {job.model!r}, not its subject's")
             return
         if not msg.reply:
-            log.warning("job=%s has no reply subject; dropped", job.job_id)
+            self.drops.drop("job", msg.subject, f"job {job.job_id!r} has no reply subject")
             return
         self._spawn(self._run_job(job, msg.reply))
 
@@ -341,6 +349,7 @@ class Worker:
             activation=activation,
             jobs_running=self._admission.running,
             max_jobs=self.settings.max_jobs,
+            dropped_messages=self.drops.total,
             draining=self._draining,
         )
 
