@@ -63,6 +63,11 @@ log = logging.getLogger(__name__)
 _HEADER_ROOM: Final = 4096
 #: How often a silent job stream checks that its node still heartbeats (`FleetView.is_gone`).
 LIVENESS_CHECK_S: Final = 0.25
+#: Most events one job may have waiting for its client (`JobStream`); past this, or past
+#: `MAX_BACKLOG_BYTES`, the client fell too far behind and the job is cancelled.
+MAX_BACKLOG_EVENTS: Final = 4096
+#: Most payload bytes one job may have waiting for its client.
+MAX_BACKLOG_BYTES: Final = 4 * 1024 * 1024
 
 
 class BusError(Exception):
@@ -100,6 +105,17 @@ class BusUnavailableError(BusError):
     """Not connected to NATS."""
 
 
+class ClientTooSlowError(BusError):
+    """The job's client stopped reading: its undelivered backlog passed the bound, so the job was
+    cancelled on its neuron and its later events dropped."""
+
+    def __init__(self, events: int, size: int) -> None:
+        self.events = events
+        self.size = size
+        super().__init__(f"the client fell too far behind ({events} events, {size} bytes "
+                         "undelivered); the job was cancelled")
+
+
 class Keepalive:
     """Yielded by `JobStream.events` when the stream was silent for a keep-alive interval."""
 
@@ -108,13 +124,22 @@ KEEPALIVE: Final = Keepalive()
 
 
 class JobStream:
-    """The events of one job, checked for order, with timeouts."""
+    """The events of one job, checked for order, with timeouts.
+
+    The events wait here until the relay takes them, which it does only as fast as its HTTP
+    client reads. The backlog is bounded: past `MAX_BACKLOG_EVENTS` events or `MAX_BACKLOG_BYTES`
+    payload bytes the stream stops queuing, drops what waits, cancels the job on its neuron, and
+    its reader gets `ClientTooSlowError` once it reads again.
+    """
 
     def __init__(self, bus: GatewayBus, job: JobRequest, inbox_token: str) -> None:
         self._bus = bus
         self.job = job
         self._token = inbox_token
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._backlog_bytes = 0
+        self.fell_behind: ClientTooSlowError | None = None
+        """Set once the backlog passed its bound (the job was cancelled then)."""
         self._next_seq = 0
         self.node: str | None = None
         self._counted = False
@@ -126,16 +151,56 @@ class JobStream:
         """The bus this stream's job runs on (a failover starts its continuation there)."""
         return self._bus
 
-    def _deliver(self, msg: Msg) -> None:
+    def _deliver(self, msg: Msg) -> bool:
+        """Queue ``msg`` for the reader; False if that passed the backlog bound (then the caller
+        awaits `_give_up`)."""
+        if self.fell_behind is not None:
+            return True  # already given up: late events are dropped
+        size = len(msg.data)
+        if (self._queue.qsize() >= MAX_BACKLOG_EVENTS
+                or self._backlog_bytes + size > MAX_BACKLOG_BYTES):
+            self.fell_behind = ClientTooSlowError(self._queue.qsize() + 1,
+                                                  self._backlog_bytes + size)
+            return False
+        self._backlog_bytes += size
         self._queue.put_nowait(msg)
+        return True
 
-    def _decode(self, msg: Msg) -> JobEvent:
+    async def _give_up(self) -> None:
+        """The client fell too far behind: free the backlog, stop routing the inbox here,
+        cancel the job on its neuron. The reader raises `fell_behind` when it next reads."""
+        error = self.fell_behind
+        assert error is not None
+        log.warning("job=%s %s on %s", self.job.job_id, error, self.node or "(not accepted)")
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._backlog_bytes = 0
+        node = self.node
+        self.close()
+        if not self.finished and node is not None:
+            await self._bus.cancel(node, self.job.job_id, "the client fell too far behind")
+
+    def _take(self, msg: Msg) -> Msg:
+        self._backlog_bytes -= len(msg.data)
+        return msg
+
+    def _check_behind(self) -> None:
+        if self.fell_behind is not None:
+            raise self.fell_behind
+
+    def _decode(self, msg: Msg) -> JobEvent | None:
+        """The next event of this job; None for an event of another job on its inbox (dropped:
+        only this job's events reach its client)."""
         if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
             raise NoRespondersError(f"no neuron serves model '{self.job.model}'")
         try:
             event = codec.decode_job_event(msg.data)
         except codec.BusDecodeError as exc:
             raise StreamProtocolError(f"undecodable event: {exc}") from exc
+        if event.job_id != self.job.job_id:
+            self._bus.drops.drop("job event", msg.subject,
+                                 f"an event of job {event.job_id!r} on this job's inbox")
+            return None
         if event.seq != self._next_seq:
             raise StreamProtocolError(
                 f"expected event seq {self._next_seq}, got {event.seq} ({type(event).__name__})"
@@ -153,12 +218,14 @@ class JobStream:
             StreamTimeoutError: nothing within ``timeout_s`` (default ``accept_timeout_s``).
         """
         limit = timeout_s if timeout_s is not None else self._bus.settings.accept_timeout_s
+        self._check_behind()
         try:
             async with asyncio.timeout(limit):
-                msg = await self._queue.get()
+                event = None
+                while event is None:
+                    event = self._decode(self._take(await self._queue.get()))
         except TimeoutError:
             raise StreamTimeoutError(f"no neuron accepted the job within {limit:g}s") from None
-        event = self._decode(msg)
         if isinstance(event, JobAccepted):
             self.node = event.node
             self._bus.started(event.node)
@@ -177,18 +244,20 @@ class JobStream:
             NodeGoneError: silent, and the node stopped heartbeating.
             StreamTimeoutError: silent longer than ``stream_idle_timeout_s``.
             StreamProtocolError: a gap or an undecodable event (after the good events before it).
+            ClientTooSlowError: the backlog passed its bound while the reader was away.
         """
         settings = self._bus.settings
         fleet = self._bus.fleet
         last = quiet = time.monotonic()  # the last event; the last event or keep-alive
         queue = self._queue
         while not self.finished:
+            self._check_behind()
             if queue.empty():
                 wait = min(LIVENESS_CHECK_S,
                            quiet + settings.keepalive_interval_s - time.monotonic())
                 try:
                     async with asyncio.timeout(max(wait, 0.0)):
-                        msg = await queue.get()
+                        msg = self._take(await queue.get())
                 except TimeoutError:
                     now = time.monotonic()
                     if self.node is not None and fleet.is_gone(self.node):
@@ -201,22 +270,28 @@ class JobStream:
                         yield KEEPALIVE
                     continue
             else:
-                msg = queue.get_nowait()
+                msg = self._take(queue.get_nowait())
             last = quiet = time.monotonic()
             batch: list[JobEvent] = []
             try:
-                batch.append(self._decode(msg))
-                while not self.finished and not queue.empty():
-                    batch.append(self._decode(queue.get_nowait()))
+                event = self._decode(msg)
+                while True:
+                    if event is not None:
+                        batch.append(event)
+                    if self.finished or queue.empty():
+                        break
+                    event = self._decode(self._take(queue.get_nowait()))
             except BusError:
                 if batch:
                     yield batch
                 raise
-            yield batch
+            if batch:
+                yield batch
 
     async def cancel(self, reason: str = "client disconnected") -> None:
-        """Tell the running node to stop (no-op once finished or before acceptance)."""
-        if self.finished or self.node is None:
+        """Tell the running node to stop (no-op once finished, cancelled for falling behind, or
+        before acceptance)."""
+        if self.finished or self.fell_behind is not None or self.node is None:
             return
         await self._bus.cancel(self.node, self.job.job_id, reason)
 
@@ -425,8 +500,8 @@ class GatewayBus:
 
     async def _on_inbox(self, msg: Msg) -> None:
         stream = self._streams.get(msg.subject.rpartition(".")[2])
-        if stream is not None:
-            stream._deliver(msg)
+        if stream is not None and not stream._deliver(msg):
+            await stream._give_up()
 
     async def _on_fleet(self, msg: Msg) -> None:
         if not msg.data and msg.headers and msg.headers.get("Status"):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Literal, assert_never
 
 from bus_schema.messages import JobAccepted, JobEvent, JobFailed, JobFinished, TokenChunk
-from cortex.bus import BusError, JobStream, Keepalive
+from cortex.bus import BusError, ClientTooSlowError, JobStream, Keepalive
 from cortex.errors import ApiError, Reason, from_job_failure
 from cortex.failover import Failover
 
@@ -77,6 +77,8 @@ _KEEPALIVE = KeepAlive()
 
 
 def _stream_broken(exc: BusError) -> ApiError:
+    if isinstance(exc, ClientTooSlowError):  # logged by the stream when it gave up
+        return ApiError(Reason.STREAM_BROKEN, str(exc))
     return ApiError(Reason.STREAM_BROKEN, f"the stream from the neuron broke: {exc}")
 
 
@@ -148,7 +150,8 @@ async def relay(stream: JobStream, accepted: JobAccepted) -> AsyncGenerator[Batc
                 return
             except BusError as exc:
                 if not failover.can_resume(exc):
-                    log.warning("job=%s stream broke: %s", stream.job.job_id, exc)
+                    if not isinstance(exc, ClientTooSlowError):
+                        log.warning("job=%s stream broke: %s", stream.job.job_id, exc)
                     ended = True
                     yield [Failed(_stream_broken(exc))]
                     return

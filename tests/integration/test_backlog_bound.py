@@ -1,0 +1,177 @@
+"""The bound on a job's undelivered backlog (`cortex.bus.JobStream`), on a real nats-server with a
+fake neuron: a reader that stops reading gets its job cancelled once `MAX_BACKLOG_EVENTS` events
+or `MAX_BACKLOG_BYTES` bytes wait, the stream ends with one clean error, logged once; a reader
+that keeps up is never cut off however long the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from bus_schema import codec
+from bus_schema.messages import CancelJob, JobAccepted, JobFinished, JobRequest, TokenChunk, Usage
+from bus_schema.subjects import control_subject, job_subject
+from cortex.bus import MAX_BACKLOG_BYTES, MAX_BACKLOG_EVENTS, GatewayBus
+from cortex.errors import Reason
+from cortex.fleet import FleetView
+from cortex.relay import Batch, Failed, Finished, TextDelta, relay
+from cortex.settings import GatewaySettings
+from tests.support.nats_sync import confirm_subscriptions
+
+pytestmark = pytest.mark.integration
+MODEL = "fake/backlog"
+NODE = "backlog-node"
+
+
+@dataclass
+class FakeNeuron:
+    """Accepts every job and records cancels; the test makes it stream."""
+
+    nc: Client
+    root: str
+    replies: asyncio.Queue[tuple[JobRequest, str]] = field(default_factory=asyncio.Queue)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    cancels: list[CancelJob] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.nc.subscribe(job_subject(MODEL, root=self.root), cb=self._on_job)
+        await self.nc.subscribe(control_subject(NODE, "cancel", root=self.root),
+                                cb=self._on_cancel)
+        await confirm_subscriptions(self.nc)
+
+    async def _on_job(self, msg: Msg) -> None:
+        assert msg.reply
+        job = codec.decode_job_request(msg.data)
+        await self.nc.publish(msg.reply, codec.encode(JobAccepted(
+            job_id=job.job_id, node=NODE, model=MODEL, prompt_tokens=3, max_tokens=10**6)))
+        self.replies.put_nowait((job, msg.reply))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        request = codec.decode_control_request(msg.data)
+        assert isinstance(request, CancelJob)
+        self.cancels.append(request)
+        self.cancelled.set()
+
+    async def stream(self, reply: str, job: JobRequest, texts: list[str], *,
+                     finish: bool = True) -> None:
+        """Publish a chunk per text (seq 1…), then the finish; yields to the loop now and then
+        as a neuron does."""
+        for seq, text in enumerate(texts, start=1):
+            await self.nc.publish(reply, codec.encode(
+                TokenChunk(job_id=job.job_id, seq=seq, text=text, token_ids=(seq,))))
+            if seq % 64 == 0:
+                await asyncio.sleep(0)
+        if finish:
+            await self.nc.publish(reply, codec.encode(JobFinished(
+                job_id=job.job_id, seq=len(texts) + 1, finish_reason="length",
+                usage=Usage(prompt_tokens=3, completion_tokens=len(texts)))))
+        await self.nc.flush()
+
+
+@pytest.fixture
+async def bus(nats_url: str, subject_root: str) -> AsyncIterator[GatewayBus]:
+    gateway = GatewayBus(GatewaySettings(nats_url=nats_url, root=subject_root,
+                                         discover_wait_s=0.01), FleetView())
+    await gateway.start()
+    yield gateway
+    await gateway.close()
+
+
+@pytest.fixture
+async def neuron(nats_url: str, subject_root: str) -> AsyncIterator[FakeNeuron]:
+    fake = FakeNeuron(await nats.connect(nats_url), subject_root)
+    await fake.start()
+    yield fake
+    await fake.nc.close()
+
+
+async def _next(outcomes: AsyncIterator[Batch]) -> Batch:
+    async with asyncio.timeout(10):
+        return await anext(outcomes)
+
+
+async def _rest(outcomes: AsyncIterator[Batch]) -> Batch:
+    rest: Batch = []
+    async with asyncio.timeout(10):
+        async for batch in outcomes:
+            rest.extend(batch)
+    return rest
+
+
+def _text(batch: Batch) -> str:
+    return "".join(o.text for o in batch if isinstance(o, TextDelta))
+
+
+@pytest.mark.parametrize(("chunks", "size", "bound"), [
+    (MAX_BACKLOG_EVENTS + 500, 1, "events"),
+    (12, MAX_BACKLOG_BYTES // 8, "bytes"),
+])
+async def test_a_reader_that_stops_reading_gets_its_job_cancelled_and_one_clean_error(
+    bus: GatewayBus, neuron: FakeNeuron, caplog: pytest.LogCaptureFixture,
+    chunks: int, size: int, bound: str,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="cortex")
+    stream = await bus.submit(JobRequest(job_id="job-slow", model=MODEL, prompt="go"))
+    accepted = await stream.first(5)
+    assert isinstance(accepted, JobAccepted)
+    assert bus.running_on(NODE) == 1
+    job, reply = neuron.replies.get_nowait()
+    outcomes = relay(stream, accepted)
+    texts = [f"{i % 10}" * size for i in range(chunks)]
+    await neuron.stream(reply, job, texts[:1], finish=False)
+    first = await _next(outcomes)  # the reader got one batch, then stops reading
+    await neuron.stream(reply, job, texts[1:])  # seq 2… (chunk 1 was sent above)
+    async with asyncio.timeout(10):
+        await neuron.cancelled.wait()
+
+    assert [c.job_id for c in neuron.cancels] == ["job-slow"]
+    behind = stream.fell_behind
+    assert behind is not None
+    if bound == "events":
+        assert behind.events == MAX_BACKLOG_EVENTS + 1 and behind.size < MAX_BACKLOG_BYTES
+    else:
+        assert behind.size > MAX_BACKLOG_BYTES and behind.events < MAX_BACKLOG_EVENTS
+    assert bus.running_on(NODE) == 0, "the gateway still counts the job as running"
+    rest = await _rest(outcomes)  # the reader comes back
+    failures = [o for o in rest if isinstance(o, Failed)]
+    assert len(failures) == 1 and rest[-1] is failures[0]
+    assert not [o for o in rest if isinstance(o, Finished)]
+    error = failures[0].error
+    assert error.reason is Reason.STREAM_BROKEN
+    assert error.message.startswith("the client fell too far behind")
+    delivered = _text(first) + _text(rest)
+    assert delivered == "".join(texts[:len(delivered) // size])  # a prefix, in order
+    assert len(delivered) // size < chunks
+    logged = [r for r in caplog.records if "fell too far behind" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].getMessage().startswith("job=job-slow ")
+    await asyncio.sleep(0.1)
+    assert [c.job_id for c in neuron.cancels] == ["job-slow"], "cancelled again on release"
+
+
+async def test_a_reader_that_keeps_up_is_never_cut_off(
+    bus: GatewayBus, neuron: FakeNeuron
+) -> None:
+    stream = await bus.submit(JobRequest(job_id="job-fast", model=MODEL, prompt="go"))
+    accepted = await stream.first(5)
+    assert isinstance(accepted, JobAccepted)
+    job, reply = neuron.replies.get_nowait()
+    texts = [f" {i}" for i in range(3 * MAX_BACKLOG_EVENTS)]
+    got: Batch = []
+
+    async def read() -> None:
+        got.extend(await _rest(relay(stream, accepted)))
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(read())
+        group.create_task(neuron.stream(reply, job, texts))
+    assert _text(got) == "".join(texts)
+    assert isinstance(got[-1], Finished)
+    assert not neuron.cancels
+    assert stream.fell_behind is None
