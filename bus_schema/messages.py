@@ -26,8 +26,10 @@ import msgspec
 from bus_schema.errors import ErrorCode
 
 PROTOCOL_VERSION: Final = 1
+#: Longest job id (it is the last token of the job's reply inbox).
+MAX_JOB_ID: Final = 128
 
-JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_JOB_ID)]
 ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 NodeName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^.*>\s]+$")]
 Seq = Annotated[int, msgspec.Meta(ge=0)]

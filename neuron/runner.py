@@ -248,6 +248,10 @@ class JobRunner:
             jlog.info("cancelled before it arrived; not run")
             return
         events = JobEvents(job.job_id, publish)
+        if job.job_id in self._cancels:  # its cancel would reach only one of the two
+            await events.fail(ErrorCode.INVALID_REQUEST,
+                              f"a job with id '{job.job_id}' is already running here")
+            return
         if slot is None or slot.model is None or slot.status != "loaded":
             await events.fail(ErrorCode.MODEL_NOT_LOADED,
                               f"model '{job.model}' not loaded on this neuron", retryable=True)

@@ -28,13 +28,16 @@ from nats.micro.service import Service
 from bus_schema import codec
 from bus_schema.connection import parse_nats_urls
 from bus_schema.drops import Drops
+from bus_schema.errors import ErrorCode
 from bus_schema.messages import (
+    MAX_JOB_ID,
     Activation,
     ActivationEventKind,
     ActivationState,
     FailedActivation,
     Heartbeat,
     JobEvent,
+    JobFailed,
     JobRequest,
 )
 from bus_schema.service import NEURON_SERVICE, package_version, service_version
@@ -302,6 +305,7 @@ class Worker:
             job = codec.decode_job_request(msg.data)
         except codec.BusDecodeError as exc:
             self.drops.drop("job", msg.subject, str(exc))
+            await self._refuse_unreadable(msg, exc)
             return
         if model_from_job_subject(msg.subject, root=self.settings.root) != job.model:
             # the subscription is what this neuron serves: a job naming another model is forged
@@ -311,6 +315,19 @@ class Worker:
             self.drops.drop("job", msg.subject, f"job {job.job_id!r} has no reply subject")
             return
         self._spawn(self._run_job(job, msg.reply))
+
+    async def _refuse_unreadable(self, msg: Msg, exc: codec.BusDecodeError) -> None:
+        """Answer a job this neuron cannot read with a `JobFailed`, when its headers say where and
+        for which job (a gateway of another protocol version then fails fast, not after its
+        accept timeout)."""
+        job_id = msg.headers.get(Headers.JOB_ID) if msg.headers else None
+        if not msg.reply or not job_id or len(job_id) > MAX_JOB_ID:
+            return
+        failed = JobFailed(job_id=job_id, seq=0, code=ErrorCode.INVALID_REQUEST,
+                           message=f"neuron '{self.settings.name}' cannot read this job: "
+                                   f"{str(exc)[:200]}")
+        await self.nc.publish(msg.reply, codec.encode(failed),
+                              headers={Headers.JOB_ID: job_id, Headers.NODE: self.settings.name})
 
     async def _run_job(self, job: JobRequest, reply: str) -> None:
         headers = {Headers.JOB_ID: job.job_id, Headers.NODE: self.settings.name}

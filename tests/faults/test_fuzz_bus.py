@@ -592,9 +592,6 @@ def test_events_injected_into_a_live_stream_end_it_cleanly(
     bus_log.check()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cortex/bus.py JobStream._decode checks an event's seq but not its job_id: an event of another "
-    "job with the next seq is relayed to this job's client (cortex/bus.py is another engineer's)"))
 def test_an_event_of_another_job_is_not_relayed(
     stack: LocalStack, stranger: Stranger
 ) -> None:

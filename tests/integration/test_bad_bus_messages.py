@@ -87,6 +87,44 @@ async def test_a_neuron_drops_undecodable_forged_and_replyless_jobs_and_keeps_se
             while not events or not isinstance(events[-1], messages.JobFinished):
                 events.append(codec.decode_job_event((await replies.next_msg(timeout=5)).data))
         assert isinstance(events[0], messages.JobAccepted)
+
+        # an unreadable job that says which it is and where to answer gets a JobFailed at once
+        await nc.publish(subject, b'{"kind": "job", "job_id": 7}', reply=inbox,
+                         headers={subjects.Headers.JOB_ID: "unreadable-1"})
+        failed = codec.decode_job_event((await replies.next_msg(timeout=5)).data)
+        assert isinstance(failed, messages.JobFailed)
+        assert (failed.job_id, failed.seq, failed.code) == ("unreadable-1", 0, "invalid_request")
+        assert "cannot read this job" in failed.message
+    finally:
+        await nc.close()
+        await worker.shutdown()
+
+
+async def test_a_second_job_with_a_running_job_id_is_refused(
+    nats_url: str, subject_root: str, tmp_path: Path,
+) -> None:
+    weights = tmp_path / "twice.gguf"
+    weights.write_bytes(b"")
+    worker = Worker(NeuronSettings(name="twice", nats_url=nats_url, root=subject_root,
+                                   models=(ModelSpec(source=str(weights), served_name=MODEL),)),
+                    ScriptedEngine(Script(words=(" slow",) * 200, token_delay_s=0.02)))
+    await worker.start()
+    nc = await nats.connect(nats_url)
+    try:
+        async with asyncio.timeout(10):
+            await worker.ready.wait()
+        subject = subjects.job_subject(MODEL, root=subject_root)
+        job = messages.JobRequest(job_id="same-id", model=MODEL,
+                                  messages=(messages.ChatMessage(role="user", content="hi"),))
+        first, second = nc.new_inbox(), nc.new_inbox()
+        first_sub, second_sub = await nc.subscribe(first), await nc.subscribe(second)
+        await nc.publish(subject, codec.encode(job), reply=first)
+        accepted = codec.decode_job_event((await first_sub.next_msg(timeout=5)).data)
+        assert isinstance(accepted, messages.JobAccepted)
+        await nc.publish(subject, codec.encode(job), reply=second)
+        refused = codec.decode_job_event((await second_sub.next_msg(timeout=5)).data)
+        assert isinstance(refused, messages.JobFailed)
+        assert refused.code == "invalid_request" and "already running" in refused.message
     finally:
         await nc.close()
         await worker.shutdown()
