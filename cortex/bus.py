@@ -444,7 +444,8 @@ class GatewayBus:
         return stream
 
     def running_on(self, node: str) -> int:
-        """Jobs this gateway has running on ``node`` now."""
+        """Jobs this gateway has running on ``node`` now, or offered to it and not yet answered
+        (`cortex.routing`)."""
         return self._running.get(node, 0)
 
     def started(self, node: str) -> None:

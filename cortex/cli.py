@@ -249,10 +249,13 @@ def up(
     port: int = 31313,
     nats_port: int = 4222,
     device: str = "auto",
+    allow_unauthenticated: bool = False,
     log_level: str = "info",
 ) -> int:
     """Run the whole stack locally: embedded nats-server, one neuron, the gateway. The server is
-    locked with passwords made for this run: no other process on the host can join the bus.
+    locked with passwords made for this run: no other process on the host can join the bus. The
+    gateway has no API keys, so it listens on loopback only unless told otherwise in so many
+    words (use `cortex serve` with keys to serve a network).
 
     Parameters
     ----------
@@ -269,10 +272,16 @@ def up(
         Port for the embedded nats-server (a free one is used if it is taken).
     device
         auto, cpu or cuda:N for the neuron.
+    allow_unauthenticated
+        Listen on a non-loopback host although this stack has no API keys.
     log_level
         debug, info, warning or error.
     """
     configure_logging(log_level)
+    problem = exposure_problem(host, keys=0, allow_unauthenticated=allow_unauthenticated)
+    if problem is not None:
+        log.error("%s", problem)
+        return 2
     options = StackOptions(
         model=model, served_name=served_name, host=host, port=port, nats_port=nats_port,
         device=device, log_level=log_level,

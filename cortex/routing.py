@@ -119,6 +119,9 @@ async def _start_on(
         raise ApiError(Reason.TOO_LARGE, str(exc)) from None
     except BusUnavailableError as exc:
         raise ApiError(Reason.BUS_DOWN, f"message bus unavailable: {exc}") from None
+    # counted as running there while it waits for acceptance: requests that arrive together are
+    # spread over the replicas, not all offered to the one that was least loaded before them
+    bus.started(node)
     try:
         first = await stream.first(timeout_s)
     except asyncio.CancelledError:  # the client went away: the node must not run it later
@@ -136,13 +139,17 @@ async def _start_on(
                        f"neuron '{node}' did not accept the job within {timeout_s:g}s") from None
     except StreamProtocolError as exc:
         stream.close()
+        await bus.cancel(node, job.job_id, "its first reply was not readable")
         raise ApiError(Reason.BAD_REPLY, f"bad reply from neuron '{node}': {exc}") from None
+    finally:
+        bus.ended(node)
     if isinstance(first, JobFailed):
         stream.close()
         log.info("job=%s refused by %s: %s %s", job.job_id, node, first.code, first.message)
         raise from_job_failure(first)
     if not isinstance(first, JobAccepted):
         stream.close()
+        await bus.cancel(node, job.job_id, "its first reply was not an acceptance")
         raise ApiError(Reason.BAD_REPLY,
                        f"bad reply from neuron '{node}': expected acceptance, "
                        f"got {type(first).__name__}")

@@ -4,6 +4,8 @@ never runs the job later."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,13 +41,14 @@ class Fleet:
 @pytest.fixture
 def fleet(nats_server: EmbeddedNatsServer, tmp_path: Path, request: pytest.FixtureRequest
           ) -> Iterator[Fleet]:
-    """A gateway (its own neuron serves another model) and two one-slot replicas of MODEL."""
+    """A gateway (its own neuron serves another model) and two replicas of MODEL with one job
+    slot each (or ``request.param`` slots)."""
     model_file = tmp_path / "m.gguf"
     model_file.write_bytes(b"")
-    root = f"routing-{request.node.name[-40:]}"
+    root = "routing-" + re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name[-40:])
     spec = ModelSpec(source=str(model_file), served_name=MODEL)
     engines = {"a-node": ScriptedEngine(SLOW), "b-node": ScriptedEngine(SLOW)}
-    one_slot = NeuronSettings(max_jobs=1)
+    one_slot = NeuronSettings(max_jobs=getattr(request, "param", 1))
     gateway = GatewaySettings(replica_accept_timeout_s=0.5)
     with (
         LocalStack(nats_url=nats_server.url, root=root, engine=ScriptedEngine(),
@@ -114,3 +117,18 @@ def test_a_replica_that_does_not_accept_in_time_never_runs_the_job(fleet: Fleet)
     assert fleet.generations("b-node") == 1
     time.sleep(3.0)  # a-node thaws: the job and its cancel arrive; the job must not run
     assert fleet.generations("a-node") == 0
+
+
+@pytest.mark.parametrize("fleet", [16], indirect=True)
+def test_requests_arriving_together_are_spread_over_the_replicas(fleet: Fleet) -> None:
+    """Each job counts on its replica from the moment it is offered, not only once accepted:
+    eight requests sent at once do not all go to the replica that was idle before them."""
+    def one() -> int:
+        return httpx.post(fleet.url(), json={**BODY, "stream": False}, timeout=20).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: one(), range(8)))
+    assert statuses == [200] * 8
+    a, b = fleet.generations("a-node"), fleet.generations("b-node")
+    assert a + b == 8
+    assert min(a, b) >= 3, (a, b)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cortex.auth import ApiKey, KeyRing, exposure_problem, is_loopback, presented_keys
-from cortex.cli import _settings_from, app, check_config, serve
+from cortex.cli import _settings_from, app, check_config, serve, up
 from cortex.config import ConfigError, api_keys, load_cortex_config, read_key_file
 from cortex.errors import ApiError, Reason
 from cortex.settings import GatewaySettings
@@ -259,6 +259,12 @@ def test_serve_refuses_to_start_open_on_the_network(tmp_path: Path,
     with caplog.at_level(logging.ERROR, logger="cortex"):
         assert serve(api_key_file=key_file) == 2
     assert "line 1: the API key is shorter than 16 characters" in caplog.text
+
+
+def test_up_has_no_keys_so_it_refuses_a_network_host(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="cortex"):
+        assert up(host="0.0.0.0") == 2  # returns before starting anything
+    assert "refusing to listen on 0.0.0.0 without API keys" in caplog.text
 
 
 def test_serve_flags_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
