@@ -92,7 +92,8 @@ def _greedy(max_tokens: int) -> GenerationParams:
 
 @pytest.mark.parametrize(("dtype", "quantize", "chunk"), [
     ("float32", "none", 16), ("bfloat16", "none", 16), ("auto", "int8", 16),
-    # prompt pieces of 32+ rows take the dequantised float32 path, decode rows the int8 kernel
+    # prompt pieces of 8+ rows take the dequantised float32 path, decode rows and shorter
+    # pieces the int8 / int4 kernel (chunks of 16 and 64 mix both)
     ("auto", "int8", 64),
     ("auto", "int4", 16), ("auto", "int4", 64),
 ])
