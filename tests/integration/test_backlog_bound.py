@@ -60,18 +60,19 @@ class FakeNeuron:
         self.cancelled.set()
 
     async def stream(self, reply: str, job: JobRequest, texts: list[str], *,
-                     finish: bool = True) -> None:
-        """Publish a chunk per text (seq 1…), then the finish; yields to the loop now and then
-        as a neuron does."""
-        for seq, text in enumerate(texts, start=1):
+                     finish: bool = True, first_seq: int = 1) -> None:
+        """Publish a chunk per text (seq ``first_seq``…), then the finish; yields to the loop
+        now and then as a neuron does."""
+        for seq, text in enumerate(texts, start=first_seq):
             await self.nc.publish(reply, codec.encode(
                 TokenChunk(job_id=job.job_id, seq=seq, text=text, token_ids=(seq,))))
             if seq % 64 == 0:
                 await asyncio.sleep(0)
         if finish:
+            last = first_seq + len(texts)
             await self.nc.publish(reply, codec.encode(JobFinished(
-                job_id=job.job_id, seq=len(texts) + 1, finish_reason="length",
-                usage=Usage(prompt_tokens=3, completion_tokens=len(texts)))))
+                job_id=job.job_id, seq=last, finish_reason="length",
+                usage=Usage(prompt_tokens=3, completion_tokens=last - 1))))
         await self.nc.flush()
 
 
@@ -127,7 +128,7 @@ async def test_a_reader_that_stops_reading_gets_its_job_cancelled_and_one_clean_
     texts = [f"{i % 10}" * size for i in range(chunks)]
     await neuron.stream(reply, job, texts[:1], finish=False)
     first = await _next(outcomes)  # the reader got one batch, then stops reading
-    await neuron.stream(reply, job, texts[1:])  # seq 2… (chunk 1 was sent above)
+    await neuron.stream(reply, job, texts[1:], first_seq=2)  # chunk 1 was sent above
     async with asyncio.timeout(10):
         await neuron.cancelled.wait()
 
@@ -164,13 +165,33 @@ async def test_a_reader_that_keeps_up_is_never_cut_off(
     job, reply = neuron.replies.get_nowait()
     texts = [f" {i}" for i in range(3 * MAX_BACKLOG_EVENTS)]
     got: Batch = []
+    read_texts = 0
+    progress = asyncio.Event()
 
     async def read() -> None:
-        got.extend(await _rest(relay(stream, accepted)))
+        nonlocal read_texts
+        async with asyncio.timeout(30):
+            async for batch in relay(stream, accepted):
+                got.extend(batch)
+                read_texts += sum(isinstance(o, TextDelta) for o in batch)
+                progress.set()
+
+    async def write() -> None:
+        """Bursts of a quarter of the bound, each once the reader has taken the one before:
+        the reader keeps up, however the loop schedules the two (the backlog stays under half
+        the bound)."""
+        burst = MAX_BACKLOG_EVENTS // 4
+        for start in range(0, len(texts), burst):
+            async with asyncio.timeout(10):
+                while read_texts < start - burst:
+                    progress.clear()
+                    await progress.wait()
+            await neuron.stream(reply, job, texts[start:start + burst], first_seq=start + 1,
+                                finish=start + burst >= len(texts))
 
     async with asyncio.TaskGroup() as group:
         group.create_task(read())
-        group.create_task(neuron.stream(reply, job, texts))
+        group.create_task(write())
     assert _text(got) == "".join(texts)
     assert isinstance(got[-1], Finished)
     assert not neuron.cancels
