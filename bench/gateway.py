@@ -547,8 +547,9 @@ def report(args: argparse.Namespace, plan: Plan, results: Results, litellm_note:
 Every process is separate and shares the same {os.cpu_count()} cores with this client:
 nats-server (`EmbeddedNatsServer`), the instant neuron (`bench/instant_neuron.py`: the real
 `Worker`, an engine that yields {TOKENS} one-word tokens without computing, default chunk
-coalescing, max_jobs 1024), `cortex serve --log-level warning`, and for the reference LiteLLM's
-proxy (`--num_workers 1`, `LITELLM_LOG=ERROR`, no master key as Cortex has no API keys, no
+coalescing, max_jobs and max_waiting 1024), `cortex serve --log-level warning`, and for the
+reference LiteLLM's proxy (`--num_workers 1`, `LITELLM_LOG=ERROR`, no master key as the Cortex
+gateway here runs without API keys, no
 database, its venv's defaults, uvloop included; Cortex runs on plain asyncio) in front of
 `bench/instant_upstream.py` (raw ASGI on uvicorn; one SSE event per token, all at once).
 

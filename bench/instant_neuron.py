@@ -129,6 +129,7 @@ def main() -> None:
         weights.write_bytes(b"")
         settings = NeuronSettings(
             name=args.name, nats_url=args.nats_url, root=args.root, max_jobs=args.max_jobs,
+            max_waiting=args.max_jobs,
             drain_timeout_s=5.0,
             models=(ModelSpec(source=str(weights), served_name=args.model_id),),
         )
