@@ -863,7 +863,6 @@ class CTransformersEngine:
             request=request,
             info=info,
             template=template,
-            special_tokens=special,
             control_tokens=control,
             stop_ids=frozenset(i for i in stop_ids if 0 <= i < loaded.vocab_size),
             strip_leading_space=info.architecture == "llama",
@@ -877,13 +876,12 @@ class CTransformersEngine:
         special: Mapping[str, str],
     ) -> ChatTemplate:
         try:
-            if not self.use_chat_template:
-                return ChatTemplate.chatml(special)
             template = ChatTemplate.resolve(
                 chat_template_file=files.chat_template,
                 tokenizer_config=tokenizer_config,
                 gguf_template=gguf_template,
                 special_tokens=special,
+                use_model_template=self.use_chat_template,
             )
         except ChatTemplateError as exc:
             raise ModelLoadError(f"{files.model_id}: {exc}") from exc
@@ -901,7 +899,6 @@ class CTransformersModel:
         request: proto.Load,
         info: ModelInfo,
         template: ChatTemplate,
-        special_tokens: Mapping[str, str],
         control_tokens: Mapping[str, int],
         stop_ids: frozenset[int],
         strip_leading_space: bool,
@@ -911,7 +908,6 @@ class CTransformersModel:
         self._request = request
         self._info = info
         self.chat_template = template
-        self._chatml = ChatTemplate.chatml(special_tokens)
         self._control = dict(control_tokens)
         self._control_pattern = (
             re.compile("|".join(re.escape(t) for t in sorted(self._control, key=len, reverse=True)))
@@ -979,19 +975,13 @@ class CTransformersModel:
         tools: Sequence[Mapping[str, object]] | None = None,
         template_kwargs: Mapping[str, TemplateValue] | None = None,
     ) -> str:
-        """Render the chat template with ``add_generation_prompt=True``; a failing template
-        falls back to ChatML unless tools are present (REFERENCE §6.4).
+        """`ChatTemplate.render_or_chatml` with this model's template.
 
         Raises:
             ChatTemplateError: the template failed and tools were present (or ChatML failed).
         """
-        try:
-            return self.chat_template.render(messages, tools=tools, template_kwargs=template_kwargs)
-        except ChatTemplateError as exc:
-            if tools or self.chat_template.origin == "chatml":
-                raise
-            logger.warning("%s; falling back to ChatML", exc)
-            return self._chatml.render(messages, template_kwargs=template_kwargs)
+        return self.chat_template.render_or_chatml(messages, tools=tools,
+                                                   template_kwargs=template_kwargs)
 
     def encode(self, text: str) -> list[int]:
         """Tokenise rendered text without adding special tokens: control tokens written in the

@@ -282,13 +282,12 @@ class TorchEngine:
         tokenizer: Tokenizer,
     ) -> ChatTemplate:
         try:
-            if not self.use_chat_template:
-                return ChatTemplate.chatml(tokenizer.special_tokens)
             template = ChatTemplate.resolve(
                 chat_template_file=files.chat_template,
                 tokenizer_config=tokenizer_config,
                 gguf_template=gguf_template,
                 special_tokens=tokenizer.special_tokens,
+                use_model_template=self.use_chat_template,
             )
         except ChatTemplateError as exc:
             raise ModelLoadError(f"{files.model_id}: {exc}") from exc
@@ -343,7 +342,6 @@ class TorchModel:
         self._model: DecoderModel | None = model
         self.tokenizer = tokenizer
         self.chat_template = template
-        self._chatml = ChatTemplate.chatml(tokenizer.special_tokens)
         self._info = info
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self._loop = BatchLoop(model, stop_ids=frozenset(tokenizer.stop_ids),
@@ -375,21 +373,13 @@ class TorchModel:
         tools: Sequence[Mapping[str, object]] | None = None,
         template_kwargs: Mapping[str, TemplateValue] | None = None,
     ) -> str:
-        """Render the chat template with ``add_generation_prompt=True``.
-
-        A template that fails without tools falls back to ChatML (REFERENCE §6.4); with tools
-        the error is raised, since ChatML would silently drop them.
+        """`ChatTemplate.render_or_chatml` with this model's template.
 
         Raises:
             ChatTemplateError: the template failed and tools were present (or ChatML failed too).
         """
-        try:
-            return self.chat_template.render(messages, tools=tools, template_kwargs=template_kwargs)
-        except ChatTemplateError as exc:
-            if tools or self.chat_template.origin == "chatml":
-                raise
-            logger.warning("%s; falling back to ChatML", exc)
-            return self._chatml.render(messages, template_kwargs=template_kwargs)
+        return self.chat_template.render_or_chatml(messages, tools=tools,
+                                                   template_kwargs=template_kwargs)
 
     def encode(self, text: str) -> list[int]:
         """Tokenise rendered text without adding special tokens."""

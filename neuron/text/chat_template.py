@@ -9,6 +9,7 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -147,12 +148,17 @@ class ChatTemplate:
         tokenizer_config: Mapping[str, object] | None = None,
         gguf_template: str | None = None,
         special_tokens: Mapping[str, str] | None = None,
+        use_model_template: bool = True,
     ) -> ChatTemplate:
-        """Pick the template from the first source that has one (see the module docstring).
+        """Pick the template from the first source that has one (see the module docstring);
+        ChatML whatever the files say when not ``use_model_template``
+        (``NEURON_USE_CHAT_TEMPLATE=false``).
 
         Raises:
             ChatTemplateError: the chosen template is malformed or does not compile.
         """
+        if not use_model_template:
+            return cls.chatml(special_tokens)
         if chat_template_file is not None:
             try:
                 text = chat_template_file.read_text(encoding="utf-8")
@@ -203,6 +209,32 @@ class ChatTemplate:
             return template.render(context)
         except _RENDER_ERRORS as exc:
             raise ChatTemplateError(f"chat template from {self.origin} failed: {exc}") from exc
+
+    def render_or_chatml(
+        self,
+        messages: Sequence[TemplateMessage],
+        *,
+        tools: Sequence[Mapping[str, object]] | None = None,
+        template_kwargs: Mapping[str, TemplateValue] | None = None,
+    ) -> str:
+        """`render` with ``add_generation_prompt=True``; a template that fails without tools
+        falls back to ChatML (REFERENCE §6.4). With tools the error is raised, since ChatML would
+        silently drop them.
+
+        Raises:
+            ChatTemplateError: the template failed and tools were present (or ChatML failed too).
+        """
+        try:
+            return self.render(messages, tools=tools, template_kwargs=template_kwargs)
+        except ChatTemplateError as exc:
+            if tools or self.origin == "chatml":
+                raise
+            logger.warning("%s; falling back to ChatML", exc)
+            return self._chatml.render(messages, template_kwargs=template_kwargs)
+
+    @functools.cached_property
+    def _chatml(self) -> ChatTemplate:
+        return ChatTemplate.chatml(self._special_tokens)
 
     def _select(self, tools: Sequence[Mapping[str, object]] | None) -> jinja2.Template:
         if tools and "tool_use" in self._templates:

@@ -164,3 +164,19 @@ def test_trim_blocks_and_lstrip_blocks_are_on() -> None:
 def test_unreadable_template_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ChatTemplateError, match="cannot read"):
         ChatTemplate.resolve(chat_template_file=tmp_path / "chat_template.jinja")
+
+
+def test_a_failing_template_falls_back_to_chatml_unless_tools_are_present() -> None:
+    failing = ChatTemplate("{{ raise_exception('no system role') }}", origin="test",
+                           special_tokens={"eos_token": "</s>"})
+    messages = [{"role": "user", "content": "hi"}]
+    assert failing.render_or_chatml(messages) == ChatTemplate.chatml().render(messages)
+    with pytest.raises(ChatTemplateError, match="no system role"):
+        failing.render_or_chatml(messages, tools=[{"type": "function", "function": {"name": "f"}}])
+
+
+def test_the_model_template_can_be_turned_off() -> None:
+    chosen = ChatTemplate.resolve(gguf_template="{{ messages[0].content }}",
+                                  use_model_template=False)
+    assert chosen.origin == "chatml"
+    assert ChatTemplate.resolve(gguf_template="{{ messages[0].content }}").origin == "gguf"
