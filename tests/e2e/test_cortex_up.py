@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,31 +15,10 @@ import openai
 import pytest
 
 from tests.support.stack import free_port
+from tests.support.stack_output import Output
 from tests.support.tiny_models import TinyModel
 
 pytestmark = pytest.mark.e2e
-
-
-class Output:
-    """Reads the stack's combined output as it comes, the way a user watches the terminal."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        assert proc.stdout is not None
-        self._stdout = proc.stdout
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        for line in self._stdout:
-            self.lines.append(line)
-            if "ready: http://" in line:
-                self.ready.set()
-
-    def text(self) -> str:
-        self._thread.join(timeout=10)
-        return "".join(self.lines)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -49,6 +48,7 @@ from tests.support.nats_roles import (
 from tests.support.nats_sync import confirm_subscriptions
 from tests.support.scripted_engine import Script, ScriptedEngine
 from tests.support.stack import free_port
+from tests.support.stack_output import Output
 from tests.support.tiny_models import TinyModel
 
 MODEL: Final = "test-org/locked-model-1.0"
@@ -353,28 +353,6 @@ def test_the_neuron_of_cortex_up_gets_its_url_in_its_environment_only() -> None:
 
 
 # --- `cortex up` -------------------------------------------------------------------------------
-
-
-class Output:
-    """The stack's combined output, read as it comes."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        assert proc.stdout is not None
-        self._stdout = proc.stdout
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        for line in self._stdout:
-            self.lines.append(line)
-            if "ready: http://" in line:
-                self.ready.set()
-
-    def text(self) -> str:
-        self._thread.join(timeout=10)
-        return "".join(self.lines)
 
 
 def children(pid: int) -> dict[int, list[str]]:
