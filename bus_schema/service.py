@@ -6,6 +6,7 @@ Each neuron and each gateway registers a NATS "micro" service (answering ``$SRV.
 
 from __future__ import annotations
 
+import functools
 import re
 from importlib.metadata import PackageNotFoundError, version
 from typing import Final
@@ -15,8 +16,10 @@ GATEWAY_SERVICE: Final = "cortex-gateway"
 _SEMVER: Final = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 
 
+@functools.cache
 def package_version() -> str:
-    """The installed Cortex version, reported in heartbeats, ``--version`` and service info."""
+    """The installed Cortex version, reported in heartbeats, ``--version`` and service info
+    (read once: a metadata lookup costs milliseconds, and heartbeats go out every second)."""
     try:
         return version("cortex-fleet")
     except PackageNotFoundError:
