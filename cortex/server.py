@@ -9,6 +9,9 @@ request's head as they arrive; past `HEAD_LIMIT_BYTES` (one huge header or many 
 answers 431 with an OpenAI-shaped JSON error (no route is known yet), half-closes, and discards
 whatever the client still sends for up to `LINGER_S` so that the client reads the answer instead
 of a reset.
+
+Idle kept-alive connections are closed after `KEEP_ALIVE_S`, longer than the clients' own idle
+expiry, so that the client is the one that closes them (see `KEEP_ALIVE_S`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ HEAD_LIMIT_BYTES: Final = 64 * 1024
 """Most bytes of a request line plus headers (nginx allows 32 KiB, Node.js 16 KiB)."""
 LINGER_S: Final = 2.0
 """After a 431, how long the rest of the client's head is read and dropped before closing."""
+KEEP_ALIVE_S: Final = 75
+"""How long an idle kept-alive connection stays open (nginx's default). uvicorn's default, 5 s,
+equals httpx's idle expiry (the OpenAI and Anthropic SDKs use httpx): the gateway then closed idle
+connections at the moment clients reused them, and a request sent on a connection as it closed was
+reset before it reached the gateway (1 to 2 requests in 2,000 of the soak test failed so)."""
 #: uvicorn.run's exit status when the server could not start (port in use, lifespan failure).
 STARTUP_FAILURE: Final = 3
 
@@ -131,11 +139,12 @@ def gateway_config(
     timeout_graceful_shutdown: int | None = None,
     lifespan: Literal["on", "off"] = "on",
 ) -> uvicorn.Config:
-    """The uvicorn configuration every gateway runs with: `GatewayHttpProtocol` (the head limit)."""
+    """The uvicorn configuration every gateway runs with: `GatewayHttpProtocol` (the head limit)
+    and `KEEP_ALIVE_S`."""
     return uvicorn.Config(
         app, host=host, port=port, log_level=log_level, log_config=log_config,
         lifespan=lifespan, timeout_graceful_shutdown=timeout_graceful_shutdown,
-        http=GatewayHttpProtocol,
+        http=GatewayHttpProtocol, timeout_keep_alive=KEEP_ALIVE_S,
     )
 
 

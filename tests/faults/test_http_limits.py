@@ -1,11 +1,13 @@
 """Oversize request heads against a real gateway: one huge header, many headers, a huge URL, each
 answered 431 with an OpenAI-shaped JSON error and a closed connection (`cortex.server`), while
-heads under the limit and big bodies behind small heads are served as before."""
+heads under the limit and big bodies behind small heads are served as before; and an idle
+kept-alive connection that outlives the clients' own idle expiry (`cortex.server.KEEP_ALIVE_S`)."""
 
 from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import httpx
 import pytest
 
 from cortex.embedded_nats import EmbeddedNatsServer
-from cortex.server import HEAD_LIMIT_BYTES
+from cortex.server import HEAD_LIMIT_BYTES, KEEP_ALIVE_S
 from neuron.settings import ModelSpec
 from tests.support.scripted_engine import ScriptedEngine
 from tests.support.stack import LocalStack
@@ -151,3 +153,33 @@ def test_the_gateway_still_serves_after_refusals(stack: LocalStack) -> None:
         reply = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}])
     assert reply.choices[0].message.content == "Hello from the scripted model."
+
+
+def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """One response with a content-length from a kept-alive connection: (status, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the gateway closed the connection after {data[:200]!r}"
+        data += chunk
+    status, headers, body = parse(data)
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk, "the gateway closed the connection mid-body"
+        body += chunk
+    return status, body
+
+
+def test_an_idle_connection_outlives_the_clients_idle_expiry(stack: LocalStack) -> None:
+    """httpx (so the OpenAI and Anthropic SDKs) drops an idle connection after 5 s; the gateway
+    keeps it longer, so a client never reuses a connection the gateway is closing at that moment
+    (the request would be reset before reaching the gateway)."""
+    client_expiry = httpx.Limits().keepalive_expiry
+    assert client_expiry is not None and client_expiry < KEEP_ALIVE_S
+    with socket.create_connection(_address(stack), timeout=10) as sock:
+        sock.sendall(get("/health", close=False))
+        assert _read_response(sock)[0] == 200
+        time.sleep(client_expiry + 1.0)
+        sock.sendall(get("/health", close=False))
+        status, body = _read_response(sock)
+    assert (status, json.loads(body)["status"]) == (200, "ok")
