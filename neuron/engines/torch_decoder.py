@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Final
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,35 @@ class DecoderConfig:
             raise UnsupportedArchitectureError(
                 self.architecture, "torch", f"odd head dimension {self.head_dim}"
             )
+
+
+#: Projections the decoder runs as one matrix (one matrix product instead of three or two),
+#: and the checkpoint tensors stacked in it, in row order (per layer, under its ``layers.N.``).
+FUSED_PARTS: Final = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fused_part(config: DecoderConfig, name: str) -> tuple[str, int, int] | None:
+    """Where checkpoint tensor ``name`` (``layers.3.self_attn.k_proj.weight``) lives in the
+    decoder: ``(fused tensor name, first row, end row)``; None for tensors that are not fused."""
+    module, _, attr = name.rpartition(".")
+    prefix, _, local = module.partition(".")
+    layer, _, local = local.partition(".")
+    if prefix != "layers" or not layer.isdigit():
+        return None
+    q_rows = config.num_heads * config.head_dim
+    kv_rows = config.num_kv_heads * config.head_dim
+    rows = {"self_attn.q_proj": (0, q_rows), "self_attn.k_proj": (q_rows, q_rows + kv_rows),
+            "self_attn.v_proj": (q_rows + kv_rows, q_rows + 2 * kv_rows),
+            "mlp.gate_proj": (0, config.intermediate_size),
+            "mlp.up_proj": (config.intermediate_size, 2 * config.intermediate_size)}
+    for fused, parts in FUSED_PARTS.items():
+        if local in parts:
+            start, end = rows[local]
+            return f"layers.{layer}.{fused}.{attr}", start, end
+    return None
 
 
 class KVCache:
@@ -195,10 +225,9 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_size = config.num_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
-        bias = config.attention_bias
-        self.q_proj = _Linear(config.hidden_size, q_size, bias=bias)
-        self.k_proj = _Linear(config.hidden_size, kv_size, bias=bias)
-        self.v_proj = _Linear(config.hidden_size, kv_size, bias=bias)
+        self.qkv_proj = _Linear(config.hidden_size, q_size + 2 * kv_size,
+                                bias=config.attention_bias)
+        """q, k and v projections as one matrix (rows in that order; see `FUSED_PARTS`)."""
         self.o_proj = _Linear(q_size, config.hidden_size, bias=False)
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
@@ -216,14 +245,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Attend ``x`` (``[tokens, hidden]``, the sequences' new tokens back to back)."""
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        heads = self.num_heads
+        qkv = self.qkv_proj(x).view(n, heads + 2 * self.num_kv_heads, self.head_dim)
+        qk, v = qkv[:, : heads + self.num_kv_heads], qkv[:, heads + self.num_kv_heads :]
         if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = _apply_rope(q, cos, sin)
-        k = _apply_rope(k, cos, sin)
+            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
+        qk = _apply_rope(qk, cos, sin)  # q and k rotate alike: one pass over both
+        q, k = qk[:, :heads], qk[:, heads:]
         outputs: list[torch.Tensor] = []
         offset = 0
         for cache, count in zip(caches, counts, strict=True):
@@ -260,12 +288,15 @@ class MLP(nn.Module):
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
-        self.gate_proj = _Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = _Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = _Linear(config.hidden_size, 2 * config.intermediate_size,
+                                    bias=False)
+        """gate and up projections as one matrix (rows in that order; see `FUSED_PARTS`)."""
         self.down_proj = _Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
         return out
 
 

@@ -22,9 +22,11 @@ from torch import nn
 
 from neuron.engines.base import ProgressCallback
 from neuron.engines.torch_decoder import (
+    FUSED_PARTS,
     DecoderConfig,
     DecoderModel,
     RopeScaling,
+    fused_part,
     rope_inverse_frequencies,
 )
 from neuron.errors import ModelLoadError, UnsupportedArchitectureError
@@ -281,21 +283,43 @@ class _Assembler:
             self.model = DecoderModel(config)
         self.device = device
         self.dtype = dtype
-        self._expected = {name for name, _ in self.model.named_parameters()}
+        self._expected: set[str] = set()
+        """Checkpoint tensor names: the model's parameters, fused ones by their parts."""
+        for name, _ in self.model.named_parameters():
+            module, _, attr = name.rpartition(".")
+            head, _, rest = module.partition(".")
+            layer, _, local = rest.partition(".")
+            parts = FUSED_PARTS.get(local) if head == "layers" else None
+            if parts is None:
+                self._expected.add(name)
+            else:
+                self._expected.update(f"layers.{layer}.{part}.{attr}" for part in parts)
         self._loaded: set[str] = set()
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self._expected:
             raise ModelLoadError(f"unexpected tensor '{name}' for this architecture")
-        module_name, _, attr = name.rpartition(".")
+        fused = fused_part(self.model.config, name)
+        target, start, end = fused if fused is not None else (name, 0, 0)
+        module_name, _, attr = target.rpartition(".")
         module = self.model.get_submodule(module_name)
         current = getattr(module, attr)
-        if tuple(current.shape) != tuple(tensor.shape):
+        shape = tuple(current.shape)
+        if fused is not None:
+            shape = (end - start, *shape[1:])
+        if shape != tuple(tensor.shape):
             raise ModelLoadError(
-                f"tensor '{name}' has shape {tuple(tensor.shape)}, expected {tuple(current.shape)}"
+                f"tensor '{name}' has shape {tuple(tensor.shape)}, expected {shape}"
             )
         value = tensor.to(device=self.device, dtype=self.dtype)
-        setattr(module, attr, nn.Parameter(value, requires_grad=False))
+        if fused is not None:  # a slice of rows of the fused tensor, made on its first part
+            if current.is_meta:
+                current = nn.Parameter(torch.empty(current.shape, device=self.device,
+                                                   dtype=self.dtype), requires_grad=False)
+                setattr(module, attr, current)
+            current.data[start:end] = value
+        else:
+            setattr(module, attr, nn.Parameter(value, requires_grad=False))
         self._loaded.add(name)
 
     def finish(self, freq_factors: torch.Tensor | None = None) -> DecoderModel:
