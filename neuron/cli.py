@@ -257,12 +257,12 @@ def serve(
         return 1
 
 
-def _quantize(value: str) -> Literal["auto", "none", "int8", "int4"]:
+def _quantize(value: str) -> Literal["auto", "none", "fp16", "int8", "int4"]:
     match value:
-        case "auto" | "none" | "int8" | "int4":
+        case "auto" | "none" | "fp16" | "int8" | "int4":
             return value
         case _:
-            raise ValueError(f"unknown quantize {value!r}; use auto, none, int8 or int4")
+            raise ValueError(f"unknown quantize {value!r}; use auto, none, fp16, int8 or int4")
 
 
 def build_engines(settings: NeuronSettings) -> dict[str, Engine]:

@@ -154,7 +154,7 @@ class NeuronConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_batch: PositiveInt = 32
     max_waiting: PositiveInt = 32
     torch_threads: PositiveInt | None = None
-    quantize: Literal["auto", "none", "int8", "int4"] = "auto"
+    quantize: Literal["auto", "none", "fp16", "int8", "int4"] = "auto"
     prefix_cache_mb: NonNegativeInt = 256
     heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0

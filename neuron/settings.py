@@ -104,7 +104,8 @@ class NeuronSettings:
     """Jobs that may wait for a place in one model's batch; more are refused as busy, so the
     gateway tries another replica (`neuron.admission`)."""
     quantize: str = "auto"
-    """``auto`` (int8 weights on a CPU without fast bfloat16), ``none``, ``int8`` or ``int4``."""
+    """``auto`` (on a CPU without fast bfloat16: float16 weights where torch has fbgemm, else
+    int8), ``none``, ``fp16``, ``int8`` or ``int4``."""
     prefix_cache_mb: int = 256
     """KV cache of finished sequences kept per model for prompts that start the same way
     (``neuron.engines.torch_prefix``); 0: prefixes are shared only between running sequences."""

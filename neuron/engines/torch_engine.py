@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, assert_never
 
 import torch
 
@@ -35,7 +35,12 @@ from neuron.engines.base import (
 )
 from neuron.engines.torch_batching import BatchLoop, BatchStats
 from neuron.engines.torch_decoder import DecoderModel
-from neuron.engines.torch_quant import cpu_has_fast_bf16, quantize
+from neuron.engines.torch_quant import (
+    WeightKind,
+    cpu_has_fast_bf16,
+    fbgemm_fp16_available,
+    quantize,
+)
 from neuron.engines.torch_weights import (
     GGUFFile,
     config_from_gguf,
@@ -61,7 +66,7 @@ _DTYPES: Final = {
 }
 # Share of the progress bar spent before the weights (config, tokenizer, template).
 _PREPARE_SHARE: Final = 0.05
-Quantize = Literal["auto", "none", "int8", "int4"]
+Quantize = Literal["auto", "none", "fp16", "int8", "int4"]
 #: Reads a prepared model's weights, reporting progress in [0, 1].
 _WeightsLoader = Callable[[ProgressCallback], DecoderModel]
 
@@ -130,9 +135,10 @@ class TorchEngine:
             max_batch: sequences one model runs at once (more wait for a place).
             threads: torch's intra-op threads on the CPU (None: all cores but one, so the event
                 loop and the bus keep a core under full load).
-            quantize: ``int8`` / ``int4``: linear weights as int8 / int4 (CPU only;
-                `neuron.engines.torch_quant`); ``auto``: int8 on a CPU without fast bfloat16,
-                else as ``dtype``; ``none``.
+            quantize: ``fp16`` / ``int8`` / ``int4``: linear weights as float16 (fbgemm, x86
+                builds of torch) / int8 / int4, activations float32 (CPU only;
+                `neuron.engines.torch_quant`); ``auto``: on a CPU without fast bfloat16, fp16
+                where fbgemm is there, else int8; elsewhere as ``dtype``; ``none``.
             prefix_cache_mb: per model, KV cache of finished sequences kept for prompts that
                 start the same way (`neuron.engines.torch_prefix`).
 
@@ -149,14 +155,23 @@ class TorchEngine:
         if prefix_cache_mb < 0:
             raise ValueError("prefix_cache_mb must be >= 0")
         self.prefix_cache_mb = prefix_cache_mb
-        self.bits = 0
+        self.weights: WeightKind | None = None
+        """How the linear layers keep their weights (None: as ``dtype``)."""
         if self.device.type == "cpu":
-            if quantize in ("int8", "int4"):
-                self.bits = 8 if quantize == "int8" else 4
-            elif quantize == "auto" and not cpu_has_fast_bf16():
-                self.bits = 8
-        if self.bits:
-            self.dtype = torch.float32  # activations; linear weights become int8 after loading
+            match quantize:
+                case "fp16" | "int8" | "int4":
+                    self.weights = quantize
+                case "auto":
+                    if not cpu_has_fast_bf16():
+                        self.weights = "fp16" if fbgemm_fp16_available() else "int8"
+                case "none":
+                    pass
+                case _:
+                    assert_never(quantize)
+        if self.weights == "fp16" and not fbgemm_fp16_available():
+            raise ValueError("quantize fp16 needs a torch build with fbgemm (x86); use int8")
+        if self.weights is not None:
+            self.dtype = torch.float32  # activations; linear weights are converted after loading
         if self.device.type == "cpu":
             torch.set_num_threads(threads or cpu_threads())
 
@@ -187,10 +202,10 @@ class TorchEngine:
         template = self._chat_template(files, tokenizer_config, gguf_template, tokenizer)
         model = load_weights(weights_progress)
         info = _model_info(files, model, self.device, self.dtype)
-        if self.bits:
-            progress(0.99, f"quantising weights to int{self.bits}")
-            info = dataclasses.replace(info, memory_bytes=quantize(model, self.bits),
-                                       dtype=f"int{self.bits} (float32 activations)")
+        if self.weights is not None:
+            progress(0.99, f"converting the linear weights to {self.weights}")
+            info = dataclasses.replace(info, memory_bytes=quantize(model, self.weights),
+                                       dtype=f"{self.weights} (float32 activations)")
         logger.info(
             "loaded %s (%s, %s, %.1fM parameters, %.0f MiB, %s on %s) in %.2f s",
             files.model_id,

@@ -15,7 +15,13 @@ import torch
 from neuron.engines.base import STARTED, Finish, GenerationParams, Started, Step
 from neuron.engines.torch_decoder import RowPlan
 from neuron.engines.torch_engine import TorchEngine, TorchModel
-from neuron.engines.torch_quant import Int4Linear, Int8Linear
+from neuron.engines.torch_quant import (
+    Fp16Linear,
+    Int4Linear,
+    Int8Linear,
+    cpu_has_fast_bf16,
+    fbgemm_fp16_available,
+)
 from tests.support.tiny_models import TinyModel, build_tiny_llama
 
 DTYPE = "float32"
@@ -96,6 +102,8 @@ def _greedy(max_tokens: int) -> GenerationParams:
     # pieces the int8 / int4 kernel (chunks of 16 and 64 mix both)
     ("auto", "int8", 64),
     ("auto", "int4", 16), ("auto", "int4", 64),
+    # float16 weights: every row of a step in one fbgemm call, so 1 to 8+ rows per step
+    ("auto", "fp16", 16), ("auto", "fp16", 64),
 ])
 def test_eight_sequences_decode_together_and_each_equals_its_solo_output(
     tiny: TinyModel, dtype: str, quantize: str, chunk: int,
@@ -226,16 +234,47 @@ def test_quantised_weights_report_their_size_and_kind(tiny: TinyModel) -> None:
     dense = TorchEngine(dtype="float32").load(tiny.safetensors_files(), _ignore)
     int8 = TorchEngine(quantize="int8").load(tiny.safetensors_files(), _ignore)
     int4 = TorchEngine(quantize="int4").load(tiny.safetensors_files(), _ignore)
+    fp16 = TorchEngine(quantize="fp16").load(tiny.safetensors_files(), _ignore)
     try:
         assert int8.info.dtype == "int8 (float32 activations)"
         assert int4.info.dtype == "int4 (float32 activations)"
+        assert fp16.info.dtype == "fp16 (float32 activations)"
         # (int4: the kernel's copy plus the packed nibbles of the float32 path, about int8's
         # size; this tiny model's odd-sized LM head stays float32 with int4)
         assert int8.info.memory_bytes < int4.info.memory_bytes < dense.info.memory_bytes
+        assert int8.info.memory_bytes < fp16.info.memory_bytes < dense.info.memory_bytes
     finally:
         dense.close()
         int8.close()
         int4.close()
+        fp16.close()
+
+
+def test_auto_keeps_float16_weights_on_a_cpu_without_fast_bfloat16() -> None:
+    engine = TorchEngine(quantize="auto")
+    if cpu_has_fast_bf16():
+        assert engine.weights is None  # bfloat16 matrix units: weights as dtype
+    elif fbgemm_fp16_available():
+        assert engine.weights == "fp16"
+    else:
+        assert engine.weights == "int8"
+    assert TorchEngine(quantize="none").weights is None
+
+
+def test_a_float16_layer_computes_each_row_alike_in_any_number_of_rows() -> None:
+    """fbgemm takes another path for one or two rows; `Fp16Linear` pads them, so a row's
+    numbers never depend on how many rows share its call."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, bias=True)
+    layer = Fp16Linear(linear)
+    x = torch.randn(40, 64)
+    together = layer(x)
+    for rows in (1, 2, 3, 5, 17):
+        for start in (0, 11):
+            assert torch.equal(layer(x[start:start + rows].clone()), together[start:start + rows])
+    reference = torch.nn.functional.linear(x, linear.weight.half().float(), linear.bias)
+    assert torch.allclose(together, reference, atol=1e-4, rtol=1e-4)
+    assert layer(x[0]).shape == (96,)  # one vector in, one vector out
 
 
 @pytest.mark.parametrize("bits", [8, 4])
