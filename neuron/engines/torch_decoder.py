@@ -127,6 +127,11 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.capacity = capacity
         self.length = 0
+        self._index_layers()
+
+    def _index_layers(self) -> None:
+        self.layers = tuple(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
+        """Each layer's ``(k, v)``, views of `k` and `v` (``[kv_heads, capacity, head_dim]``)."""
 
     @property
     def nbytes(self) -> int:
@@ -143,6 +148,7 @@ class KVCache:
         k[:, :, : self.length] = self.k[:, :, : self.length]
         v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v, self.capacity = k, v, capacity
+        self._index_layers()
 
 
 class RowPlan:
@@ -251,35 +257,38 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
         qk = _apply_rope(qk, cos, sin)  # q and k rotate alike: one pass over both
-        q, k = qk[:, :heads], qk[:, heads:]
+        # heads first ([heads, tokens, head_dim]): each sequence's rows are then a slice. (The
+        # leading batch dimension of one keeps torch's CPU flash attention: for three
+        # dimensions it falls back to the slower reference maths.)
+        q = qk[:, :heads].transpose(0, 1).unsqueeze(0)
+        k, v = qk[:, heads:].transpose(0, 1), v.transpose(0, 1)
         outputs: list[torch.Tensor] = []
         offset = 0
         for cache, count in zip(caches, counts, strict=True):
             start = cache.length
             end = start + count
-            layer_k = cache.k[self.layer_index]
-            layer_v = cache.v[self.layer_index]
-            layer_k[:, start:end] = k[offset : offset + count].transpose(0, 1)
-            layer_v[:, start:end] = v[offset : offset + count].transpose(0, 1)
-            q_seq = q[offset : offset + count].transpose(0, 1).unsqueeze(0)
-            keys = layer_k[:, :end].unsqueeze(0)
-            values = layer_v[:, :end].unsqueeze(0)
+            rows = slice(offset, offset + count)
+            layer_k, layer_v = cache.layers[self.layer_index]
+            layer_k[:, start:end] = k[:, rows]
+            layer_v[:, start:end] = v[:, rows]
+            keys, values = layer_k[:, :end].unsqueeze(0), layer_v[:, :end].unsqueeze(0)
             if count == 1:  # one new token attends to everything cached
-                out = F.scaled_dot_product_attention(q_seq, keys, values, enable_gqa=True)
+                out = F.scaled_dot_product_attention(q[:, :, rows], keys, values,
+                                                     enable_gqa=True)
             elif start == 0:
                 out = F.scaled_dot_product_attention(
-                    q_seq, keys, values, is_causal=True, enable_gqa=True
+                    q[:, :, rows], keys, values, is_causal=True, enable_gqa=True
                 )
             else:  # a later prefill chunk: causal, offset by what the cache already holds
-                rows = torch.arange(start, end, device=x.device).unsqueeze(1)
-                mask = torch.arange(end, device=x.device).unsqueeze(0) <= rows
+                positions = torch.arange(start, end, device=x.device).unsqueeze(1)
+                mask = torch.arange(end, device=x.device).unsqueeze(0) <= positions
                 out = F.scaled_dot_product_attention(
-                    q_seq, keys, values, attn_mask=mask, enable_gqa=True
+                    q[:, :, rows], keys, values, attn_mask=mask, enable_gqa=True
                 )
-            outputs.append(out.squeeze(0).transpose(0, 1).reshape(count, -1))
+            outputs.append(out)
             offset += count
-        attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        projected: torch.Tensor = self.o_proj(attended)
+        attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        projected: torch.Tensor = self.o_proj(attended[0].transpose(0, 1).reshape(n, -1))
         return projected
 
 
