@@ -218,7 +218,7 @@ def serve(
     hf_cache
         Hugging Face hub cache directory (default: $HF_HUB_CACHE, $HF_HOME/hub or the hub default).
     prefill_chunk_tokens
-        Prompt tokens per forward pass while prefilling (default 512).
+        Prompt tokens per forward pass while prefilling (default: 128 on a CPU, 512 on a GPU).
     max_prompt_tokens
         Longer prompts fail with prompt_too_long (default 16384).
     min_free_vram_mb

@@ -144,7 +144,8 @@ class NeuronConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     nats: NatsTable = msgspec.field(default_factory=NatsTable)
     memory_budget_mb: PositiveInt | None = None
     """Per device; absent: `default_memory_budget_mb` of the device's total memory."""
-    prefill_chunk_tokens: PositiveInt = 512
+    prefill_chunk_tokens: PositiveInt | None = None
+    """Absent: 128 on a CPU, 512 on a GPU."""
     max_prompt_tokens: PositiveInt = 16384
     min_free_vram_mb: NonNegativeInt = 1500
     use_chat_template: bool = True

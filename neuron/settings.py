@@ -90,7 +90,9 @@ class NeuronSettings:
     max_jobs: int = 64
     """Admission limit: jobs running or waiting for the model's thread."""
     max_prompt_tokens: int = 16384
-    prefill_chunk_tokens: int = 512
+    prefill_chunk_tokens: int | None = None
+    """Prompt tokens per forward pass while prefilling; None: by device
+    (`neuron.engines.torch_engine.default_prefill_chunk`)."""
     default_repetition_penalty: float = 1.1
     """Used when a job does not set one (REFERENCE §6.2)."""
     repetition_window: int = 64
@@ -150,7 +152,7 @@ class NeuronSettings:
             raise ValueError("max_jobs, max_batch and max_waiting must be at least 1")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError("torch_threads must be at least 1")
-        if self.max_prompt_tokens < 1 or self.prefill_chunk_tokens < 1:
+        if self.max_prompt_tokens < 1 or (self.prefill_chunk_tokens or 1) < 1:
             raise ValueError("token limits must be positive")
         if self.min_free_vram_mb < 0:
             raise ValueError("min_free_vram_mb must not be negative")

@@ -101,6 +101,15 @@ def _read_json(path: Path | None) -> dict[str, object] | None:
     return value
 
 
+def default_prefill_chunk(device: torch.device) -> int:
+    """Prompt tokens per step when ``prefill_chunk_tokens`` is not set. Every running sequence
+    waits for the step, and on a CPU a 512-token piece takes about 2 s (SmolLM2-135M, one
+    core): 128 keeps the others' next token within about half a second, and 16 short prompts
+    that arrive together start in two steps instead of all waiting for one big one (their first
+    tokens at 0.5 and 1.0 s rather than all at 1.0 s; the aggregate rate is unchanged)."""
+    return 128 if device.type == "cpu" else 512
+
+
 def cpu_threads() -> int:
     """torch threads for a CPU neuron: every core but one, which the event loop (heartbeats,
     cancels, the token stream) keeps under full load."""
@@ -117,7 +126,7 @@ class TorchEngine:
         *,
         device: str = "cpu",
         dtype: str = "auto",
-        prefill_chunk_tokens: int = 512,
+        prefill_chunk_tokens: int | None = None,
         use_chat_template: bool = True,
         max_batch: int = 32,
         threads: int | None = None,
@@ -130,7 +139,8 @@ class TorchEngine:
             device: ``cpu`` or ``cuda:N``.
             dtype: ``auto`` (bf16; fp16 on GPUs without bf16), ``bfloat16``, ``float16`` or
                 ``float32``.
-            prefill_chunk_tokens: prompt tokens per forward pass while prefilling.
+            prefill_chunk_tokens: prompt tokens per forward pass while prefilling (None:
+                `default_prefill_chunk` of the device).
             use_chat_template: false forces the ChatML template (``NEURON_USE_CHAT_TEMPLATE``).
             max_batch: sequences one model runs at once (more wait for a place).
             threads: torch's intra-op threads on the CPU (None: all cores but one, so the event
@@ -145,9 +155,11 @@ class TorchEngine:
         Raises:
             ValueError: an unknown device or dtype, or a non-positive chunk size.
         """
+        self.device = torch.device(device)
+        if prefill_chunk_tokens is None:
+            prefill_chunk_tokens = default_prefill_chunk(self.device)
         if prefill_chunk_tokens < 1:
             raise ValueError("prefill_chunk_tokens must be positive")
-        self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.use_chat_template = use_chat_template

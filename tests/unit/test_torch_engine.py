@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from neuron.engines.base import Finish, GenerationParams, ModelFiles, Step
-from neuron.engines.torch_engine import TorchEngine, TorchModel, resolve_dtype
+from neuron.engines.torch_engine import (
+    TorchEngine,
+    TorchModel,
+    default_prefill_chunk,
+    resolve_dtype,
+)
 from neuron.engines.torch_sampler import Sampler
 from neuron.errors import ChatTemplateError, ModelLoadError, ModelNotLoadedError
 from tests.support.tiny_models import TinyModel, build_tiny_llama
@@ -325,6 +330,14 @@ def test_dtype_names() -> None:
         resolve_dtype("int4", cpu)
     with pytest.raises(ValueError, match="prefill_chunk_tokens"):
         TorchEngine(prefill_chunk_tokens=0)
+
+
+def test_the_prefill_chunk_follows_the_device_unless_set() -> None:
+    import torch
+
+    assert TorchEngine().prefill_chunk_tokens == default_prefill_chunk(torch.device("cpu")) == 128
+    assert default_prefill_chunk(torch.device("cuda:0")) == 512
+    assert TorchEngine(prefill_chunk_tokens=300).prefill_chunk_tokens == 300
 
 
 # ----------------------------------------------------------------------------- real model
