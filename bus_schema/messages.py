@@ -315,6 +315,10 @@ class Heartbeat(BusMessage, frozen=True, tag="heartbeat", kw_only=True):
     draining: bool = False
     dropped_messages: NonNegInt = 0
     """Bad bus messages this node dropped since it started (`bus_schema.drops`)."""
+    jobs: Annotated[tuple[JobId, ...], msgspec.Meta(max_length=MAX_LISTED)] | None = None
+    """Ids of the jobs this node has accepted and not yet ended (running or waiting for a place in
+    a batch); None: not listed (older neurons, or more than `MAX_LISTED`). A gateway whose stream
+    of a job falls silent learns from it that the job ended and its last events were lost."""
 
 
 ActivationEventKind = Literal[

@@ -89,6 +89,17 @@ class StreamTimeoutError(BusError):
     """The stream went silent for too long (or its node stopped heartbeating)."""
 
 
+class JobLostError(BusError):
+    """The stream is silent and its node no longer holds the job: the job ended there, but its
+    last events never arrived (`cortex.fleet.FleetView.lost_job`). Not resumed: the job may have
+    finished, and a continuation would add to a complete answer."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        super().__init__(f"neuron '{node}' ended the job, but its last events were lost on the "
+                         "way (a NATS reconnect?)")
+
+
 class NodeGoneError(StreamTimeoutError):
     """The stream is silent and its node stopped heartbeating (killed, frozen or cut off)."""
 
@@ -242,6 +253,7 @@ class JobStream:
 
         Raises:
             NodeGoneError: silent, and the node stopped heartbeating.
+            JobLostError: silent, and the node's heartbeats say the job ended there.
             StreamTimeoutError: silent longer than ``stream_idle_timeout_s``.
             StreamProtocolError: a gap or an undecodable event (after the good events before it).
             ClientTooSlowError: the backlog passed its bound while the reader was away.
@@ -262,6 +274,9 @@ class JobStream:
                     now = time.monotonic()
                     if self.node is not None and fleet.is_gone(self.node):
                         raise NodeGoneError(self.node) from None
+                    if self.node is not None and fleet.lost_job(self.node, self.job.job_id,
+                                                                silent_since=last):
+                        raise JobLostError(self.node) from None
                     if now - last > settings.stream_idle_timeout_s:
                         raise StreamTimeoutError(
                             f"stream silent for {now - last:.0f}s") from None

@@ -31,6 +31,12 @@ GONE_AFTER_BEATS = 2.5
 FORGET_AFTER_S = 300.0
 #: Most nodes the view holds; heartbeats from further new nodes are dropped.
 MAX_NODES = 4096
+#: A job stream silent this long (or `LOST_AFTER_BEATS` intervals, if longer) whose node's
+#: heartbeats, received after that time, no longer list the job ended without its last events
+#: reaching this gateway (published while it was reconnecting to NATS). The margin covers a
+#: heartbeat read before the stream's last events that were published ahead of it.
+LOST_AFTER_S = 5.0
+LOST_AFTER_BEATS = 3.0
 
 
 @dataclass
@@ -40,6 +46,8 @@ class NodeView:
     """Monotonic time of the last heartbeat."""
     models: dict[str, ResidentModel] = field(default_factory=dict)
     draining: bool = False
+    jobs: frozenset[str] | None = None
+    """The jobs the last heartbeat listed (None: it did not list them)."""
 
     @property
     def name(self) -> str:
@@ -113,6 +121,7 @@ class FleetView:
                     received_at=now,
                     models={m.id: m for m in event.models},
                     draining=event.draining,
+                    jobs=None if event.jobs is None else frozenset(event.jobs),
                 )
             case Activation():
                 self._apply_activation(event)
@@ -210,6 +219,17 @@ class FleetView:
         "this node is gone" mid-stream (`cortex.bus.JobStream.events`)."""
         node = self._nodes.get(name)
         return node is None or node.is_gone(self._clock())
+
+    def lost_job(self, name: str, job_id: str, *, silent_since: float) -> bool:
+        """Whether node ``name`` ended job ``job_id`` without this gateway receiving the job's
+        last events: the job's stream has been silent since ``silent_since`` (monotonic), and the
+        node's last heartbeat, received at least `LOST_AFTER_S` (or `LOST_AFTER_BEATS`
+        intervals) after that, lists its jobs and not this one."""
+        node = self._nodes.get(name)
+        if node is None or node.jobs is None or job_id in node.jobs:
+            return False
+        margin = max(LOST_AFTER_S, LOST_AFTER_BEATS * node.heartbeat.interval_s)
+        return node.received_at - silent_since >= margin
 
     def health(self) -> tuple[int, int]:
         """(healthy nodes, known nodes); allow-listed nodes never heard of count as unhealthy."""

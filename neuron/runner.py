@@ -239,6 +239,12 @@ class JobRunner:
         for event in self._cancels.values():
             event.set()
 
+    @property
+    def job_ids(self) -> tuple[str, ...]:
+        """The jobs admitted here and not yet ended (running or waiting for a place); each
+        leaves after its terminal event was published."""
+        return tuple(self._cancels)
+
     async def run(self, job: JobRequest, slot: ModelSlot | None, publish: Publish) -> None:
         """Run ``job`` to its terminal event. Never raises except `CancelledError`; a failure
         anywhere ends the job's stream with `JobFailed`."""

@@ -31,6 +31,7 @@ from bus_schema.drops import Drops
 from bus_schema.errors import ErrorCode
 from bus_schema.messages import (
     MAX_JOB_ID,
+    MAX_LISTED,
     Activation,
     ActivationEventKind,
     ActivationState,
@@ -368,6 +369,7 @@ class Worker:
             max_jobs=self.settings.max_jobs,
             dropped_messages=self.drops.total,
             draining=self._draining,
+            jobs=jobs if len(jobs := self._runner.job_ids) <= MAX_LISTED else None,
         )
 
     def _beat(self) -> Heartbeat:

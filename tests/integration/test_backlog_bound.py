@@ -8,72 +8,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import nats
 import pytest
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 
-from bus_schema import codec
-from bus_schema.messages import CancelJob, JobAccepted, JobFinished, JobRequest, TokenChunk, Usage
-from bus_schema.subjects import control_subject, job_subject
+from bus_schema.messages import JobAccepted, JobRequest
 from cortex.bus import MAX_BACKLOG_BYTES, MAX_BACKLOG_EVENTS, GatewayBus
 from cortex.errors import Reason
 from cortex.fleet import FleetView
 from cortex.relay import Batch, Failed, Finished, TextDelta, relay
 from cortex.settings import GatewaySettings
-from tests.support.nats_sync import confirm_subscriptions
+from tests.support.fake_neuron import FakeNeuron
 
 pytestmark = pytest.mark.integration
 MODEL = "fake/backlog"
 NODE = "backlog-node"
-
-
-@dataclass
-class FakeNeuron:
-    """Accepts every job and records cancels; the test makes it stream."""
-
-    nc: Client
-    root: str
-    replies: asyncio.Queue[tuple[JobRequest, str]] = field(default_factory=asyncio.Queue)
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    cancels: list[CancelJob] = field(default_factory=list)
-
-    async def start(self) -> None:
-        await self.nc.subscribe(job_subject(MODEL, root=self.root), cb=self._on_job)
-        await self.nc.subscribe(control_subject(NODE, "cancel", root=self.root),
-                                cb=self._on_cancel)
-        await confirm_subscriptions(self.nc)
-
-    async def _on_job(self, msg: Msg) -> None:
-        assert msg.reply
-        job = codec.decode_job_request(msg.data)
-        await self.nc.publish(msg.reply, codec.encode(JobAccepted(
-            job_id=job.job_id, node=NODE, model=MODEL, prompt_tokens=3, max_tokens=10**6)))
-        self.replies.put_nowait((job, msg.reply))
-
-    async def _on_cancel(self, msg: Msg) -> None:
-        request = codec.decode_control_request(msg.data)
-        assert isinstance(request, CancelJob)
-        self.cancels.append(request)
-        self.cancelled.set()
-
-    async def stream(self, reply: str, job: JobRequest, texts: list[str], *,
-                     finish: bool = True, first_seq: int = 1) -> None:
-        """Publish a chunk per text (seq ``first_seq``…), then the finish; yields to the loop
-        now and then as a neuron does."""
-        for seq, text in enumerate(texts, start=first_seq):
-            await self.nc.publish(reply, codec.encode(
-                TokenChunk(job_id=job.job_id, seq=seq, text=text, token_ids=(seq,))))
-            if seq % 64 == 0:
-                await asyncio.sleep(0)
-        if finish:
-            last = first_seq + len(texts)
-            await self.nc.publish(reply, codec.encode(JobFinished(
-                job_id=job.job_id, seq=last, finish_reason="length",
-                usage=Usage(prompt_tokens=3, completion_tokens=last - 1))))
-        await self.nc.flush()
 
 
 @pytest.fixture
@@ -87,7 +36,7 @@ async def bus(nats_url: str, subject_root: str) -> AsyncIterator[GatewayBus]:
 
 @pytest.fixture
 async def neuron(nats_url: str, subject_root: str) -> AsyncIterator[FakeNeuron]:
-    fake = FakeNeuron(await nats.connect(nats_url), subject_root)
+    fake = FakeNeuron(await nats.connect(nats_url), subject_root, model=MODEL, node=NODE)
     await fake.start()
     yield fake
     await fake.nc.close()

@@ -319,3 +319,26 @@ async def test_drain_stops_new_jobs_but_keeps_the_node_visible(
         assert beat.draining and [m.id for m in beat.models] == [MODEL]
     finally:
         await worker.shutdown()
+
+
+async def test_heartbeats_list_the_jobs_held_until_their_end_was_published(
+    nats_url: str, subject_root: str, model_file: Path, client: Client
+) -> None:
+    """The list a gateway reads to tell a lost job's end from a slow job (`Heartbeat.jobs`)."""
+    script = Script(words=(" a",) * 20, token_delay_s=0.05)
+    worker = await start_worker(nats_url, subject_root, model_file, script)
+    try:
+        assert worker.heartbeat().jobs == ()
+        job = chat_job()
+        running = asyncio.ensure_future(run_job(client, subject_root, job))
+        async with asyncio.timeout(5):
+            while worker.jobs_running == 0:  # noqa: ASYNC110 - wait for the admission
+                await asyncio.sleep(0.01)
+        assert worker.heartbeat().jobs == (job.job_id,)
+        events = await running
+        assert isinstance(events[-1], messages.JobFinished)
+        async with asyncio.timeout(2):  # gone once its end was published
+            while worker.heartbeat().jobs:  # noqa: ASYNC110 - the runner lets go of it next
+                await asyncio.sleep(0.01)
+    finally:
+        await worker.shutdown()

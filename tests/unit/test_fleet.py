@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bus_schema.messages import Activation, Heartbeat, ResidentModel
-from cortex.fleet import FleetView
+from cortex.fleet import LOST_AFTER_BEATS, LOST_AFTER_S, FleetView
 
 
 class Clock:
@@ -87,3 +87,32 @@ def test_an_allow_list_ignores_other_nodes_and_counts_silent_ones(
     assert fleet.model_ids() == ["m/x"]
     assert fleet.health() == (1, 2)  # "quiet" is listed but never heartbeat
     assert caplog.text.count("ignoring neuron 'intruder'") == 1
+
+
+def test_a_job_is_lost_once_a_heartbeat_well_after_its_silence_no_longer_lists_it() -> None:
+    clock = Clock()
+    fleet = FleetView(clock)
+    silent_since = clock.now
+
+    def listing(*jobs: str, interval_s: float = 1.0) -> None:
+        fleet.apply(Heartbeat(node="a", seq=1, sent_at=0.0, interval_s=interval_s,
+                              started_at=0.0, jobs=jobs))
+
+    listing("j1")
+    assert not fleet.lost_job("a", "j1", silent_since=silent_since)
+    clock.now += LOST_AFTER_S - 0.5
+    listing()  # too soon after the last event: it may have been read before the job's end
+    assert not fleet.lost_job("a", "j1", silent_since=silent_since)
+    clock.now += 0.5
+    listing("j1")  # still held (a slow prefill): never lost for silence alone
+    assert not fleet.lost_job("a", "j1", silent_since=silent_since)
+    listing()
+    assert fleet.lost_job("a", "j1", silent_since=silent_since)
+    assert not fleet.lost_job("b", "j1", silent_since=silent_since)  # unknown node: not this rule
+    fleet.apply(beat("a"))  # a neuron that does not list its jobs
+    assert not fleet.lost_job("a", "j1", silent_since=silent_since)
+    listing(interval_s=3.0)  # slow heartbeats: the margin is three of their intervals
+    assert not fleet.lost_job("a", "j1", silent_since=silent_since)
+    clock.now = silent_since + LOST_AFTER_BEATS * 3.0
+    listing(interval_s=3.0)
+    assert fleet.lost_job("a", "j1", silent_since=silent_since)
