@@ -17,9 +17,10 @@ Each test prints one summary line (``pytest -s`` shows it): requests attempted /
 failed with a clean error / lost, and the times measured. The only time limits are generous
 bounds on each request (a hang fails) and on each wait.
 
-The fault scenarios run the gateway with a 5 s stream idle timeout: a job whose terminal event
+The fault scenarios run the gateway with a 5 s stream idle timeout. A job whose terminal event
 was published while the gateway was not subscribed (between a restart and its resubscription)
-is silent while its neuron still heartbeats, and only the idle timeout ends it.
+is silent while its neuron still heartbeats: the gateway ends it once the neuron's heartbeats
+stop listing it (`cortex.fleet.LOST_AFTER_S`), or at the idle timeout, whichever comes first.
 """
 
 from __future__ import annotations
