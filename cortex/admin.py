@@ -15,7 +15,7 @@ from litestar import Response, Router, get, post
 from litestar.handlers import HTTPRouteHandler
 
 from bus_schema.messages import Device, ModelId, NodeName
-from cortex.auth import require_model
+from cortex.auth import permits, require_model
 from cortex.context import Gateway
 from cortex.http import AnyRequest, decode_body, json_body, json_response
 
@@ -67,7 +67,9 @@ def handlers(gw: Gateway) -> list[HTTPRouteHandler | Router]:
         return action
 
     @get("/fleet", sync_to_thread=False)
-    def nodes() -> Response[bytes]:
+    def nodes(request: AnyRequest) -> Response[bytes]:
+        """Every node; a key limited to some models sees only those among each node's models
+        (as in ``/v1/models``)."""
         now = time.monotonic()
         return json_response(_encoder.encode(Fleet(nodes=[
             FleetNode(
@@ -77,7 +79,7 @@ def handlers(gw: Gateway) -> list[HTTPRouteHandler | Router]:
                 models=[FleetModel(id=m.id, status=m.status, memory_mb=m.memory_mb,
                                    pinned=m.pinned, jobs_running=m.jobs_running,
                                    last_used_at=m.last_used_at)
-                        for _, m in sorted(n.models.items())],
+                        for _, m in sorted(n.models.items()) if permits(request, m.id)],
             )
             for n in fleet.nodes()
         ])))

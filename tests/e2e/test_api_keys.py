@@ -245,6 +245,12 @@ def test_a_model_outside_the_keys_list_is_403_everywhere(stack: LocalStack) -> N
 
 
 def test_models_lists_only_what_the_key_may_use(stack: LocalStack) -> None:
+    def fleet_models(key: str) -> list[str]:
+        fleet = httpx.get(f"{stack.base_url}/admin/fleet", headers=bearer(key), timeout=5)
+        return [m["id"] for node in fleet.json()["nodes"] for m in node["models"]]
+
+    assert fleet_models(FULL) == [MODEL_A, MODEL_B]
+    assert fleet_models(LIMITED) == [MODEL_A]  # the fleet view hides the others' models too
     with oa(stack, LIMITED) as client:
         assert sorted(m.id for m in client.models.list()) == ["fast", MODEL_A]
     with oa(stack, FULL) as client:
