@@ -27,7 +27,7 @@ from cortex.bus import GatewayBus, Keepalive
 from cortex.fleet import FleetView
 from cortex.settings import GatewaySettings
 from neuron.engines.base import GenerationParams, Step
-from neuron.engines.torch_engine import TorchEngine, TorchModel
+from neuron.engines.torch_engine import Quantize, TorchEngine, TorchModel
 from neuron.output_router import OutputRouter, ReasoningPiece, TextPiece
 from neuron.settings import ModelSpec, NeuronSettings
 from neuron.text.detokenize import IncrementalDetokenizer, StopMatcher
@@ -40,14 +40,22 @@ MESSAGES = (ChatMessage(role="user", content="What is the capital of France?"),)
 MAX_TOKENS = 40
 
 
-def _engine() -> TorchEngine:
-    # float32 and no int8 weights: prefill and decode agree, so greedy continuations are exact.
-    return TorchEngine(device="cpu", dtype="float32", quantize="none")
+def _engine(weights: Quantize) -> TorchEngine:
+    # float32 activations, with float32 weights or the CPU default's float16 ones (whose rows do
+    # not depend on how many share a matrix product): prefill and decode agree, so greedy
+    # continuations are exact. (bf16 activations or int8 weights round them differently.)
+    return TorchEngine(device="cpu", dtype="float32", quantize=weights)
+
+
+@pytest.fixture(scope="module", params=["none", "fp16"])
+def weights(request: pytest.FixtureRequest) -> Quantize:
+    return request.param  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model: TinyModel) -> Iterator[TorchModel]:
-    loaded = _engine().load(tiny_model.safetensors_files(), lambda fraction, message: None)
+def model(tiny_model: TinyModel, weights: Quantize) -> Iterator[TorchModel]:
+    loaded = _engine(weights).load(tiny_model.safetensors_files(),
+                                   lambda fraction, message: None)
     yield loaded
     loaded.close()
 
@@ -63,10 +71,10 @@ def penalty(request: pytest.FixtureRequest) -> float:
 
 
 @pytest.fixture
-def neuron(nats_url: str, subject_root: str, tiny_model: TinyModel,
+def neuron(nats_url: str, subject_root: str, tiny_model: TinyModel, weights: Quantize,
            penalty: float) -> Iterator[BackgroundWorker]:
     with BackgroundWorker(
-        name="resumer", nats_url=nats_url, root=subject_root, engine=_engine(),
+        name="resumer", nats_url=nats_url, root=subject_root, engine=_engine(weights),
         models=[ModelSpec(source=str(tiny_model.folder), served_name=MODEL)],
         settings=NeuronSettings(default_repetition_penalty=penalty),
     ) as worker:
