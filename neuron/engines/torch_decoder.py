@@ -8,7 +8,9 @@ The forward pass works on a *batch of sequences*, each with its own `KVCache`: t
 all sequences are concatenated into one flat row of tokens, so every linear layer runs once for
 the whole batch, and only attention is computed per sequence (each against its own cache, at its
 own positions). A single sequence is a batch of one; continuous batching only has to build the
-batch. Parameter names follow transformers' ``LlamaForCausalLM`` minus the ``model.`` prefix.
+batch. Parameter names follow transformers' ``LlamaForCausalLM`` minus the ``model.`` prefix,
+except the projections run as one matrix (``qkv_proj``, ``gate_up_proj``; `FUSED_PARTS` says
+which checkpoint tensors fill them).
 """
 
 from __future__ import annotations
