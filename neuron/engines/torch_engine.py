@@ -153,7 +153,8 @@ class TorchEngine:
                 start the same way (`neuron.engines.torch_prefix`).
 
         Raises:
-            ValueError: an unknown device or dtype, or a non-positive chunk size.
+            ValueError: an unknown device or dtype, a non-positive chunk size, or ``fp16``
+                weights where torch has no fbgemm.
         """
         self.device = torch.device(device)
         if prefill_chunk_tokens is None:
