@@ -108,6 +108,13 @@ async def test_a_reader_that_stops_reading_gets_its_job_cancelled_and_one_clean_
 async def test_a_reader_that_keeps_up_is_never_cut_off(
     bus: GatewayBus, neuron: FakeNeuron
 ) -> None:
+    # the node heartbeats (once a second, as by default): a pause in the stream while the
+    # machine is busy is a slow node, never a dead one (a CI run failed this test over it)
+    async with neuron.heartbeating(["job-fast"], bus.fleet, interval_s=1.0):
+        await _keep_up(bus, neuron)
+
+
+async def _keep_up(bus: GatewayBus, neuron: FakeNeuron) -> None:
     stream = await bus.submit(JobRequest(job_id="job-fast", model=MODEL, prompt="go"))
     accepted = await stream.first(5)
     assert isinstance(accepted, JobAccepted)

@@ -42,12 +42,6 @@ async def neuron(nats_url: str, subject_root: str) -> AsyncIterator[FakeNeuron]:
     await fake.nc.close()
 
 
-async def _known(bus: GatewayBus) -> None:
-    async with asyncio.timeout(10):
-        while bus.fleet.node(NODE) is None:  # noqa: ASYNC110 - waiting for a heartbeat
-            await asyncio.sleep(0.02)
-
-
 async def _all(outcomes: AsyncIterator[Batch], timeout_s: float) -> Batch:
     got: Batch = []
     async with asyncio.timeout(timeout_s):
@@ -64,8 +58,7 @@ async def test_a_job_whose_end_was_lost_ends_with_one_clean_error_within_seconds
     bus: GatewayBus, neuron: FakeNeuron
 ) -> None:
     listed = ["job-lost"]
-    async with neuron.heartbeating(listed):
-        await _known(bus)
+    async with neuron.heartbeating(listed, bus.fleet):
         stream = await bus.submit(JobRequest(job_id="job-lost", model=MODEL, prompt="go"))
         accepted = await stream.first(5)
         assert isinstance(accepted, JobAccepted)
@@ -90,8 +83,8 @@ async def test_a_job_whose_end_was_lost_ends_with_one_clean_error_within_seconds
 async def test_a_silent_job_its_node_still_holds_is_waited_for(
     bus: GatewayBus, neuron: FakeNeuron, listing: str
 ) -> None:
-    async with neuron.heartbeating(["job-slow"] if listing == "the job listed" else None):
-        await _known(bus)
+    async with neuron.heartbeating(["job-slow"] if listing == "the job listed" else None,
+                                   bus.fleet):
         stream = await bus.submit(JobRequest(job_id="job-slow", model=MODEL, prompt="go"))
         accepted = await stream.first(5)
         assert isinstance(accepted, JobAccepted)

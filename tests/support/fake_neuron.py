@@ -23,6 +23,7 @@ from bus_schema.messages import (
     Usage,
 )
 from bus_schema.subjects import control_subject, heartbeat_subject, job_subject
+from cortex.fleet import FleetView
 from tests.support.nats_sync import confirm_subscriptions
 
 
@@ -75,10 +76,11 @@ class FakeNeuron:
         await self.nc.flush()
 
     @contextlib.asynccontextmanager
-    async def heartbeating(self, jobs: list[str] | None,
+    async def heartbeating(self, jobs: list[str] | None, fleet: FleetView,
                            interval_s: float = 0.2) -> AsyncIterator[None]:
         """Heartbeat every ``interval_s`` while in the block, listing ``jobs`` (the caller may
-        change the list; None: the jobs are not listed, as an older neuron)."""
+        change the list; None: the jobs are not listed, as an older neuron); the block starts
+        once ``fleet`` (the gateway's) knows the node."""
         started = time.time()
 
         async def beat() -> None:
@@ -93,6 +95,9 @@ class FakeNeuron:
 
         task = asyncio.create_task(beat())
         try:
+            async with asyncio.timeout(10):
+                while fleet.node(self.node) is None:  # noqa: ASYNC110 - the first heartbeat
+                    await asyncio.sleep(0.02)
             yield
         finally:
             task.cancel()
