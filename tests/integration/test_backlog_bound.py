@@ -9,37 +9,18 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-import nats
 import pytest
 
 from bus_schema.messages import JobAccepted, JobRequest
 from cortex.bus import MAX_BACKLOG_BYTES, MAX_BACKLOG_EVENTS, GatewayBus
 from cortex.errors import Reason
-from cortex.fleet import FleetView
 from cortex.relay import Batch, Failed, Finished, TextDelta, relay
-from cortex.settings import GatewaySettings
 from tests.support.fake_neuron import FakeNeuron
 
 pytestmark = pytest.mark.integration
 MODEL = "fake/backlog"
 NODE = "backlog-node"
-
-
-@pytest.fixture
-async def bus(nats_url: str, subject_root: str) -> AsyncIterator[GatewayBus]:
-    gateway = GatewayBus(GatewaySettings(nats_url=nats_url, root=subject_root,
-                                         discover_wait_s=0.01), FleetView())
-    await gateway.start()
-    yield gateway
-    await gateway.close()
-
-
-@pytest.fixture
-async def neuron(nats_url: str, subject_root: str) -> AsyncIterator[FakeNeuron]:
-    fake = FakeNeuron(await nats.connect(nats_url), subject_root, model=MODEL, node=NODE)
-    await fake.start()
-    yield fake
-    await fake.nc.close()
+"""(``MODEL`` and ``NODE``: the fake neuron of `tests/integration/conftest.py`.)"""
 
 
 async def _next(outcomes: AsyncIterator[Batch]) -> Batch:

@@ -9,37 +9,19 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-import nats
 import pytest
 
 from bus_schema.messages import JobAccepted, JobRequest
 from cortex.bus import GatewayBus
 from cortex.errors import Reason
-from cortex.fleet import LOST_AFTER_S, FleetView
+from cortex.fleet import LOST_AFTER_S
 from cortex.relay import Batch, Failed, Finished, TextDelta, relay
-from cortex.settings import GatewaySettings
 from tests.support.fake_neuron import FakeNeuron
 
 pytestmark = pytest.mark.integration
 MODEL = "fake/lost"
 NODE = "lost-node"
-
-
-@pytest.fixture
-async def bus(nats_url: str, subject_root: str) -> AsyncIterator[GatewayBus]:
-    gateway = GatewayBus(GatewaySettings(nats_url=nats_url, root=subject_root,
-                                         discover_wait_s=0.01), FleetView())
-    await gateway.start()
-    yield gateway
-    await gateway.close()
-
-
-@pytest.fixture
-async def neuron(nats_url: str, subject_root: str) -> AsyncIterator[FakeNeuron]:
-    fake = FakeNeuron(await nats.connect(nats_url), subject_root, model=MODEL, node=NODE)
-    await fake.start()
-    yield fake
-    await fake.nc.close()
+"""(``MODEL`` and ``NODE``: the fake neuron of `tests/integration/conftest.py`.)"""
 
 
 async def _all(outcomes: AsyncIterator[Batch], timeout_s: float) -> Batch:

@@ -1,5 +1,6 @@
 """A fake neuron on a real nats-server for gateway bus tests: it accepts every job of its model,
-records cancels, streams what a test tells it to, and heartbeats when asked to."""
+records cancels, streams what a test tells it to, and heartbeats when asked to (the ``neuron``
+fixture of `tests/integration/conftest.py`)."""
 
 from __future__ import annotations
 
@@ -103,4 +104,3 @@ class FakeNeuron:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
