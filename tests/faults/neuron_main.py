@@ -16,8 +16,10 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Mapping
 
 from neuron.cli import build_engines
+from neuron.engines.base import Engine
 from neuron.settings import ModelSpec, NeuronSettings
 from neuron.worker import Worker
 
@@ -34,8 +36,9 @@ def settings_from(spec: str) -> NeuronSettings:
     )
 
 
-async def serve(settings: NeuronSettings) -> None:
-    worker = Worker(settings, build_engines(settings))
+async def serve(settings: NeuronSettings, engines: Engine | Mapping[str, Engine]) -> None:
+    """Until SIGTERM, then drain."""
+    worker = Worker(settings, engines)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await worker.start()
@@ -49,7 +52,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("nats").setLevel(logging.WARNING)
-    asyncio.run(serve(settings_from(sys.argv[1])))
+    settings = settings_from(sys.argv[1])
+    asyncio.run(serve(settings, build_engines(settings)))
 
 
 if __name__ == "__main__":

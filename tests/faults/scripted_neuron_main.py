@@ -15,16 +15,13 @@ import asyncio
 import dataclasses
 import logging
 import re
-import signal
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Final
 
 from neuron.engines.base import Finish, GenerationParams, ModelFiles, ProgressCallback, Step
-from neuron.settings import NeuronSettings
-from neuron.worker import Worker
-from tests.faults.neuron_main import settings_from
+from tests.faults.neuron_main import serve, settings_from
 from tests.support.scripted_engine import Script, ScriptedEngine, ScriptedModel
 
 _TAG: Final = re.compile(r"\[soak:([A-Za-z0-9_-]+)\]")
@@ -72,24 +69,12 @@ class CountingEngine(ScriptedEngine):
         return CountingModel(files=files, script=self.script)
 
 
-async def serve(settings: NeuronSettings) -> None:
-    """Until SIGTERM, then drain."""
-    worker = Worker(settings, CountingEngine())
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await worker.start()
-    try:
-        await stop.wait()
-    finally:
-        await worker.shutdown()
-
-
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = dataclasses.replace(settings_from(sys.argv[1]), chunk_max_tokens=1,
                                    max_waiting=64, max_prompt_tokens=4096)
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, CountingEngine()))
 
 
 if __name__ == "__main__":

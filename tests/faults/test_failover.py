@@ -17,8 +17,9 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anthropic
 import openai
@@ -223,13 +224,29 @@ def _resumed_on(caplog: pytest.LogCaptureFixture) -> list[str]:
             for r in caplog.records if " resumed on " in r.getMessage()]
 
 
-def _run_with_fault(target: object, fault: threading.Event, timeout_s: float = 120.0
-                    ) -> threading.Thread:
-    assert callable(target)
-    thread = threading.Thread(target=target, daemon=True)
+T = TypeVar("T")
+
+
+def _through_fault(stream: Callable[[tuple[int, threading.Event]], object],
+                   strike: Callable[[], T], *, join_s: float = 120.0) -> T:
+    """Run ``stream`` in a thread, telling it to set an event at its `EVENTS_BEFORE_FAULT`-th
+    event; once it is that far, ``strike`` (what it returns is returned); then wait for the
+    stream to end (a hang fails)."""
+    fault = threading.Event()
+    thread = threading.Thread(target=lambda: stream((EVENTS_BEFORE_FAULT, fault)), daemon=True)
     thread.start()
-    assert fault.wait(timeout_s), "the stream did not start"
-    return thread
+    assert fault.wait(120), "the stream did not start"
+    struck = strike()
+    thread.join(join_s)
+    assert not thread.is_alive(), "the stream never ended"
+    return struck
+
+
+def _kill_serving(cluster: FaultFleet) -> str:
+    """SIGKILL the neuron serving the one job in flight; its name."""
+    [victim] = cluster.serving()
+    cluster.neurons[victim].kill()
+    return victim
 
 
 # ------------------------------------------------------------------ resumed on the other replica
@@ -238,15 +255,11 @@ def _run_with_fault(target: object, fault: threading.Event, timeout_s: float = 1
 def test_openai_stream_resumes_on_the_other_replica_after_sigkill(
     cluster: FaultFleet, openai_reference: Seen, caplog: pytest.LogCaptureFixture
 ) -> None:
-    seen, fault = Seen(), threading.Event()
+    seen = Seen()
     with cluster.stack.openai_client() as client:
-        thread = _run_with_fault(
-            lambda: _openai_stream(client, SHARED, seen=seen,
-                                   at_event=(EVENTS_BEFORE_FAULT, fault)), fault)
-        [victim] = cluster.serving()
-        cluster.neurons[victim].kill()
-        thread.join(120)
-    assert not thread.is_alive()
+        victim = _through_fault(
+            lambda at: _openai_stream(client, SHARED, seen=seen, at_event=at),
+            lambda: _kill_serving(cluster))
     assert seen.error is None
     assert len(seen.ids) == 1
     assert (seen.joined, seen.thought) == (openai_reference.joined, openai_reference.thought)
@@ -264,15 +277,11 @@ def test_openai_stream_resumes_on_the_other_replica_after_sigkill(
 def test_anthropic_stream_resumes_on_the_other_replica_after_sigkill(
     cluster: FaultFleet, anthropic_reference: Seen, caplog: pytest.LogCaptureFixture
 ) -> None:
-    seen, fault = Seen(), threading.Event()
+    seen = Seen()
     with cluster.stack.anthropic_client() as client:
-        thread = _run_with_fault(
-            lambda: _anthropic_stream(client, SHARED, seen=seen,
-                                      at_event=(EVENTS_BEFORE_FAULT, fault)), fault)
-        [victim] = cluster.serving()
-        cluster.neurons[victim].kill()
-        thread.join(120)
-    assert not thread.is_alive()
+        victim = _through_fault(
+            lambda at: _anthropic_stream(client, SHARED, seen=seen, at_event=at),
+            lambda: _kill_serving(cluster))
     assert seen.error is None
     assert seen.events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert seen.blocks() == anthropic_reference.blocks()  # same blocks, one start, one stop
@@ -291,11 +300,9 @@ def test_anthropic_stream_resumes_on_the_other_replica_after_sigkill(
 def test_a_frozen_neuron_is_resumed_from_and_its_late_events_are_ignored(
     cluster: FaultFleet, openai_reference: Seen, caplog: pytest.LogCaptureFixture
 ) -> None:
-    seen, fault = Seen(), threading.Event()
-    with cluster.stack.openai_client() as client:
-        thread = _run_with_fault(
-            lambda: _openai_stream(client, SHARED, seen=seen,
-                                   at_event=(EVENTS_BEFORE_FAULT, fault)), fault)
+    seen = Seen()
+
+    def freeze_until_resumed() -> str:
         [victim] = cluster.serving()
         frozen = cluster.neurons[victim]
         frozen.freeze()
@@ -304,8 +311,13 @@ def test_a_frozen_neuron_is_resumed_from_and_its_late_events_are_ignored(
             assert time.monotonic() < deadline, "not resumed"
             time.sleep(0.02)
         frozen.thaw()
-        thread.join(120)
-    assert not thread.is_alive()
+        return victim
+
+    with cluster.stack.openai_client() as client:
+        victim = _through_fault(
+            lambda at: _openai_stream(client, SHARED, seen=seen, at_event=at),
+            freeze_until_resumed)
+    frozen = cluster.neurons[victim]
     assert seen.error is None and len(seen.ids) == 1
     assert (seen.joined, seen.thought) == (openai_reference.joined, openai_reference.thought)
     assert seen.finish_reasons == ["length"]
@@ -390,14 +402,10 @@ def test_concurrent_streams_on_a_killed_neuron_all_resume(
 def test_openai_stream_without_another_replica_ends_with_an_error_event(
     cluster: FaultFleet, caplog: pytest.LogCaptureFixture
 ) -> None:
-    seen, fault = Seen(), threading.Event()
+    seen = Seen()
     with cluster.stack.openai_client() as client:
-        thread = _run_with_fault(
-            lambda: _openai_stream(client, SOLO, seen=seen,
-                                   at_event=(EVENTS_BEFORE_FAULT, fault)), fault)
-        cluster.neurons["na"].freeze()
-        thread.join(60)
-    assert not thread.is_alive()
+        _through_fault(lambda at: _openai_stream(client, SOLO, seen=seen, at_event=at),
+                       cluster.neurons["na"].freeze, join_s=60)
     assert seen.error is not None
     assert "stopped heartbeating" in seen.error
     assert "could not be resumed" in seen.error
@@ -412,14 +420,10 @@ def test_openai_stream_without_another_replica_ends_with_an_error_event(
 def test_anthropic_stream_without_another_replica_ends_with_an_error_event(
     cluster: FaultFleet, caplog: pytest.LogCaptureFixture
 ) -> None:
-    seen, fault = Seen(), threading.Event()
+    seen = Seen()
     with cluster.stack.anthropic_client() as client:
-        thread = _run_with_fault(
-            lambda: _anthropic_stream(client, SOLO, seen=seen,
-                                      at_event=(EVENTS_BEFORE_FAULT, fault)), fault)
-        cluster.neurons["na"].freeze()
-        thread.join(60)
-    assert not thread.is_alive()
+        _through_fault(lambda at: _anthropic_stream(client, SOLO, seen=seen, at_event=at),
+                       cluster.neurons["na"].freeze, join_s=60)
     assert seen.error is not None
     assert "stopped heartbeating" in seen.error
     assert seen.finish_reasons == []

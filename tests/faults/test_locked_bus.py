@@ -27,15 +27,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bus_schema import subjects
-from bus_schema.messages import JobAccepted, JobFinished, JobRequest, PinRequest
-from cortex.bus import GatewayBus
+from bus_schema.messages import PinRequest
 from cortex.bus_roles import BusLock
 from cortex.embedded_nats import DEFAULT_CONFIG, EmbeddedNatsServer, ServerAddress
-from cortex.fleet import FleetView
-from cortex.settings import GatewaySettings
 from cortex.stack import StackOptions, neuron_command, neuron_environment
-from neuron.settings import ModelSpec, NeuronSettings
-from neuron.worker import Worker
 from tests.support.nats_roles import (
     WAIT,
     Hub,
@@ -46,7 +41,7 @@ from tests.support.nats_roles import (
     next_msg,
 )
 from tests.support.nats_sync import confirm_subscriptions
-from tests.support.scripted_engine import Script, ScriptedEngine
+from tests.support.round_trip import one_job, scripted_pair
 from tests.support.stack import free_port
 from tests.support.stack_output import Output
 from tests.support.tiny_models import TinyModel
@@ -285,32 +280,12 @@ async def test_the_observer_watches_but_cannot_publish(bus: Hub) -> None:
 async def test_the_real_gateway_and_neuron_work_on_the_locked_bus(
     bus: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"")
-    worker = Worker(
-        NeuronSettings(name=NODE_A, nats_url=bus.url(f"neuron-{NODE_A}"),
-                       models=(ModelSpec(source=str(model), served_name=MODEL),)),
-        ScriptedEngine(Script()),
-    )
-    await worker.start()
-    gateway = GatewayBus(GatewaySettings(), FleetView())
-    try:
-        async with asyncio.timeout(WAIT):
-            await worker.ready.wait()
-        await gateway.connect(bus.url("gateway"))
-        async with asyncio.timeout(WAIT):
-            while not gateway.fleet.routable(MODEL):  # noqa: ASYNC110 - heartbeat arrives
-                await asyncio.sleep(0.05)
-        stream = await gateway.submit(JobRequest(job_id="locked-job", model=MODEL, prompt="hi"))
-        assert isinstance(await stream.first(), JobAccepted)
-        events = [e async for batch in stream.events() if isinstance(batch, list) for e in batch]
-        stream.close()
-        assert isinstance(events[-1], JobFinished)
+    async with scripted_pair(neuron_url=bus.url(f"neuron-{NODE_A}"),
+                             gateway_url=bus.url("gateway"), node=NODE_A, model=MODEL,
+                             folder=tmp_path) as gateway:
+        await one_job(gateway, "locked-job", MODEL)
         reply = await gateway.control(NODE_A, "pin", PinRequest(model_id=MODEL), timeout_s=WAIT)
         assert reply.status == 200, reply
-    finally:
-        await gateway.close()
-        await worker.shutdown()
     violations = [r.getMessage() for r in caplog.records if "ermissions" in r.getMessage()]
     assert violations == []
 

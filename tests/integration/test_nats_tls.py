@@ -3,7 +3,6 @@ gateway and the neuron trusting that CA (``--nats-ca``), a job round trip over `
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import socket
@@ -19,17 +18,14 @@ import pytest
 import cortex.cli
 import neuron.cli
 from bus_schema.connection import tls_context
-from bus_schema.messages import JobAccepted, JobFinished, JobRequest
-from cortex.bus import GatewayBus
 from cortex.bus_roles import BusLock
 from cortex.cli import _settings_from
 from cortex.embedded_nats import EmbeddedNatsServer
-from cortex.fleet import FleetView
 from cortex.settings import GatewaySettings
 from neuron.cli import build_settings
-from neuron.settings import ModelSpec, NeuronSettings
-from neuron.worker import Worker
-from tests.support.scripted_engine import Script, ScriptedEngine
+from neuron.settings import NeuronSettings
+from tests.support.round_trip import one_job, scripted_pair
+from tests.support.scripted_engine import Script
 
 pytestmark = pytest.mark.integration
 
@@ -118,33 +114,12 @@ def test_the_server_demands_tls_and_only_the_ca_makes_it_trusted(tls_bus: TlsBus
 async def test_gateway_and_neuron_round_trip_a_job_over_tls(
     tls_bus: TlsBus, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"")
-    worker = Worker(
-        NeuronSettings(name=NODE, nats_url=tls_bus.url(f"neuron-{NODE}"),
-                       nats_ca=tls_bus.certificates.ca,
-                       models=(ModelSpec(source=str(model), served_name=MODEL),)),
-        ScriptedEngine(Script(words=("over", " TLS"))),
-    )
-    await worker.start()
-    bus = GatewayBus(GatewaySettings(nats_ca=tls_bus.certificates.ca), FleetView())
-    try:
-        async with asyncio.timeout(WAIT):
-            await worker.ready.wait()
-        await bus.connect(tls_bus.url("gateway"))
-        async with asyncio.timeout(WAIT):
-            while not bus.fleet.routable(MODEL):  # noqa: ASYNC110 - heartbeat arrives
-                await asyncio.sleep(0.05)
-        stream = await bus.submit(JobRequest(job_id="tls-job", model=MODEL, prompt="hi"))
-        assert isinstance(await stream.first(), JobAccepted)
-        events = [e async for batch in stream.events() if isinstance(batch, list) for e in batch]
-        stream.close()
-        assert isinstance(events[-1], JobFinished)
-        text = "".join(getattr(e, "text", "") for e in events)
-        assert text == "over TLS"
-    finally:
-        await bus.close()
-        await worker.shutdown()
+    async with scripted_pair(neuron_url=tls_bus.url(f"neuron-{NODE}"),
+                             gateway_url=tls_bus.url("gateway"), node=NODE, model=MODEL,
+                             folder=tmp_path, script=Script(words=("over", " TLS")),
+                             nats_ca=tls_bus.certificates.ca) as bus:
+        events = await one_job(bus, "tls-job", MODEL)
+    assert "".join(getattr(e, "text", "") for e in events) == "over TLS"
     assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")
                 and "nats" in r.name.lower() and "disconnect" not in r.getMessage()]
 

@@ -25,14 +25,9 @@ from nats.errors import NoRespondersError
 import cortex.cli
 import neuron.cli
 from bus_schema import subjects
-from bus_schema.messages import JobAccepted, JobFinished, JobRequest, PinRequest
+from bus_schema.messages import PinRequest
 from bus_schema.service import GATEWAY_SERVICE, NEURON_SERVICE
-from cortex.bus import GatewayBus
 from cortex.embedded_nats import EmbeddedNatsServer, find_nats_server
-from cortex.fleet import FleetView
-from cortex.settings import GatewaySettings
-from neuron.settings import ModelSpec, NeuronSettings
-from neuron.worker import Worker
 from tests.support.nats_roles import (
     ACCOUNTS,
     CONFIG_ENV,
@@ -51,7 +46,7 @@ from tests.support.nats_roles import (
     with_neuron_users,
 )
 from tests.support.nats_sync import confirm_subscriptions
-from tests.support.scripted_engine import Script, ScriptedEngine
+from tests.support.round_trip import one_job, scripted_pair
 
 LEAF: Final = OPS_NATS / "leaf.conf"
 MODEL: Final = "test-org/ops-model-1.0"
@@ -334,27 +329,9 @@ async def test_the_real_gateway_and_neuron_run_under_their_roles(
     """The shipped roles are enough for the real processes: the gateway routes a job to the neuron
     and streams it back, gets its control replies, and both answer `nats micro ls` (as the
     observer)."""
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"")
-    worker = Worker(
-        NeuronSettings(name="beast", nats_url=hub.url("neuron-beast"),
-                       models=(ModelSpec(source=str(model), served_name=MODEL),)),
-        ScriptedEngine(Script()),
-    )
-    await worker.start()
-    bus = GatewayBus(GatewaySettings(), FleetView())
-    try:
-        async with asyncio.timeout(WAIT):
-            await worker.ready.wait()
-        await bus.connect(hub.url("gateway"))
-        async with asyncio.timeout(WAIT):
-            while not bus.fleet.routable(MODEL):  # noqa: ASYNC110 - heartbeat arrives
-                await asyncio.sleep(0.05)
-        stream = await bus.submit(JobRequest(job_id="ops-job", model=MODEL, prompt="hi"))
-        assert isinstance(await stream.first(), JobAccepted)
-        events = [e async for batch in stream.events() if isinstance(batch, list) for e in batch]
-        stream.close()
-        assert isinstance(events[-1], JobFinished)
+    async with scripted_pair(neuron_url=hub.url("neuron-beast"), gateway_url=hub.url("gateway"),
+                             node="beast", model=MODEL, folder=tmp_path) as bus:
+        await one_job(bus, "ops-job", MODEL)
         reply = await bus.control("beast", "pin", PinRequest(model_id=MODEL), timeout_s=WAIT)
         assert reply.status == 200, reply
         async with connected(hub.url("observer")) as observer:
@@ -364,8 +341,5 @@ async def test_the_real_gateway_and_neuron_run_under_their_roles(
             await observer.nc.publish("$SRV.PING", b"", reply=inbox)
             names = sorted([json.loads((await next_msg(pongs)).data)["name"] for _ in range(2)])
         assert names == [GATEWAY_SERVICE, NEURON_SERVICE]
-    finally:
-        await bus.close()
-        await worker.shutdown()
     violations = [r.getMessage() for r in caplog.records if "ermissions" in r.getMessage()]
     assert violations == []
