@@ -7,8 +7,8 @@ activations, attention and the KV cache stay float32.
 inside the kernel, with AVX2's F16C): on SmolLM2-135M, one AMD EPYC core, a decode step's linear
 layers take 20.8 ms at one row and 60 ms at 16 rows, against 26.8 and 134 ms for torch's int8
 kernel, and float16 keeps the GGUF Q4 weights more exactly than int8 does. It gets every row of
-a step in one call: its sums do not depend on the rows around a row, given at least
-`FP16_MIN_ROWS` rows (fewer are padded).
+a step in one call: its sums do not depend on the rows around a row, given a multiple of
+`FP16_ROW_MULTIPLE` rows (others are padded).
 
 For int8 and int4, each forward pass picks a kernel per *entry* (a sequence's new tokens,
 `RowPlan`), never per batch, so a sequence's numbers do not depend on who shares its step:
@@ -169,9 +169,12 @@ class Int4Linear(_QuantLinear):
         return ((q.float() - 8) * scale + zero).view(self.out_features, self.in_features)
 
 
-#: Fewest rows `Fp16Linear` hands fbgemm: with one or two rows it takes another path whose sums
-#: differ in the last bits, so a sequence's numbers would depend on how many rows share its step.
-FP16_MIN_ROWS: Final = 3
+#: `Fp16Linear` hands fbgemm a multiple of this many rows. fbgemm cuts the rows of a call into
+#: blocks of one to six, each with its own kernel, and the one- and two-row kernels' sums differ
+#: from the others' in the last bits: 1, 2, 7, 14, 31, 32, 37, 38... rows put a row in such a
+#: block, so a sequence's numbers would depend on how many rows share its step. No multiple of
+#: three does (checked for every count up to 603, on one and two threads).
+FP16_ROW_MULTIPLE: Final = 3
 
 
 def fbgemm_fp16_available() -> bool:
@@ -196,11 +199,12 @@ class Fp16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
         rows = flat.shape[0]
-        if rows < FP16_MIN_ROWS:
-            flat = F.pad(flat, (0, 0, 0, FP16_MIN_ROWS - rows))
+        padding = -rows % FP16_ROW_MULTIPLE
+        if padding:
+            flat = F.pad(flat, (0, 0, 0, padding))
         out: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(flat.contiguous(),
                                                                      self._packed)
-        if rows < FP16_MIN_ROWS:
+        if padding:
             out = out[:rows]
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 

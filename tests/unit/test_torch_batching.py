@@ -262,14 +262,15 @@ def test_auto_keeps_float16_weights_on_a_cpu_without_fast_bfloat16() -> None:
 
 
 def test_a_float16_layer_computes_each_row_alike_in_any_number_of_rows() -> None:
-    """fbgemm takes another path for one or two rows; `Fp16Linear` pads them, so a row's
+    """fbgemm gives blocks of one or two rows other kernels, whatever the call's size (7 rows:
+    five, then two); `Fp16Linear` pads every call to a multiple of three rows, so a row's
     numbers never depend on how many rows share its call."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96, bias=True)
     layer = Fp16Linear(linear)
-    x = torch.randn(40, 64)
+    x = torch.randn(45, 64)
     together = layer(x)
-    for rows in (1, 2, 3, 5, 17):
+    for rows in (1, 2, 3, 5, 7, 14, 17, 31, 32):
         for start in (0, 11):
             assert torch.equal(layer(x[start:start + rows].clone()), together[start:start + rows])
     reference = torch.nn.functional.linear(x, linear.weight.half().float(), linear.bias)
