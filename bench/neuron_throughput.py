@@ -515,7 +515,8 @@ def neuron_settings(neuron_args: Sequence[str]) -> str:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
         return f"could not be resolved ({last[:200]})"
     if settings.get("torch_threads") is None:
-        settings["torch_threads"] = f"default ({max(1, (os.cpu_count() or 1) - 1)})"
+        cores = len(os.sched_getaffinity(0))
+        settings["torch_threads"] = f"default ({cores} for the linear layers, 1 else)"
     return ", ".join(f"{key} {value}" for key, value in settings.items())
 
 

@@ -112,7 +112,8 @@ class NeuronSettings:
     """KV cache of finished sequences kept per model for prompts that start the same way
     (``neuron.engines.torch_prefix``); 0: prefixes are shared only between running sequences."""
     torch_threads: int | None = None
-    """torch's intra-op threads on the CPU; None: all cores but one (the event loop's)."""
+    """On the CPU, torch's threads for the linear layers' matrix products; None: every core.
+    Everything else runs on one thread (``neuron.engines.torch_threads``)."""
     """Per device: how much the neuron may fill with models; None: half of the device
     (`neuron.config.default_memory_budget_mb`)."""
     min_free_vram_mb: int = 1500

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuron.engines.torch_threads import ThreadSplit
 from neuron.errors import UnsupportedArchitectureError
 
 
@@ -129,11 +130,6 @@ class KVCache:
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.capacity = capacity
         self.length = 0
-        self._index_layers()
-
-    def _index_layers(self) -> None:
-        self.layers = tuple(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
-        """Each layer's ``(k, v)``, views of `k` and `v` (``[kv_heads, capacity, head_dim]``)."""
 
     @property
     def nbytes(self) -> int:
@@ -150,7 +146,31 @@ class KVCache:
         k[:, :, : self.length] = self.k[:, :, : self.length]
         v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v, self.capacity = k, v, capacity
-        self._index_layers()
+
+
+class StepViews:
+    """The cache views one forward pass uses, made once per pass rather than once per layer
+    and sequence (that bookkeeping was a sixth of a 16-sequence decode step on a CPU).
+
+    For layer ``l``: ``new_k[l]`` and ``new_v[l]`` list, per sequence, where its new keys and
+    values go (``[kv_heads, count, head_dim]``); ``keys[l]`` and ``values[l]`` list what it
+    attends to, its cache up to and including its new tokens (``[1, kv_heads, end, head_dim]``).
+    """
+
+    def __init__(self, caches: Sequence[KVCache], counts: Sequence[int]) -> None:
+        new_k, new_v, keys, values = [], [], [], []
+        for cache, count in zip(caches, counts, strict=True):
+            start, end = cache.length, cache.length + count
+            new_k.append(cache.k[:, :, start:end].unbind(0))
+            new_v.append(cache.v[:, :, start:end].unbind(0))
+            keys.append(cache.k[:, :, :end].unsqueeze(1).unbind(0))
+            values.append(cache.v[:, :, :end].unsqueeze(1).unbind(0))
+        self.new_k = list(zip(*new_k, strict=True))
+        self.new_v = list(zip(*new_v, strict=True))
+        self.keys = list(zip(*keys, strict=True))
+        self.values = list(zip(*values, strict=True))
+        self.starts = [cache.length for cache in caches]
+        self.counts = list(counts)
 
 
 class RowPlan:
@@ -217,6 +237,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # torch's fused norm: one operation, the same numbers
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
@@ -225,9 +247,10 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings and a per-sequence KV cache."""
 
-    def __init__(self, config: DecoderConfig, layer_index: int) -> None:
+    def __init__(self, config: DecoderConfig, layer_index: int, threads: ThreadSplit) -> None:
         super().__init__()
         self.layer_index = layer_index
+        self.threads = threads
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -248,13 +271,13 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        caches: Sequence[KVCache],
-        counts: Sequence[int],
+        views: StepViews,
     ) -> torch.Tensor:
         """Attend ``x`` (``[tokens, hidden]``, the sequences' new tokens back to back)."""
         n = x.shape[0]
         heads = self.num_heads
-        qkv = self.qkv_proj(x).view(n, heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = self.threads.run(self.qkv_proj, x).view(n, heads + 2 * self.num_kv_heads,
+                                                      self.head_dim)
         qk, v = qkv[:, : heads + self.num_kv_heads], qkv[:, heads + self.num_kv_heads :]
         if self.q_norm is not None and self.k_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
@@ -264,72 +287,67 @@ class Attention(nn.Module):
         # dimensions it falls back to the slower reference maths.)
         q = qk[:, :heads].transpose(0, 1).unsqueeze(0)
         k, v = qk[:, heads:].transpose(0, 1), v.transpose(0, 1)
+        layer = self.layer_index
+        counts = views.counts
+        torch._foreach_copy_(list(views.new_k[layer]), list(k.split_with_sizes(counts, dim=1)))
+        torch._foreach_copy_(list(views.new_v[layer]), list(v.split_with_sizes(counts, dim=1)))
         outputs: list[torch.Tensor] = []
-        offset = 0
-        for cache, count in zip(caches, counts, strict=True):
-            start = cache.length
-            end = start + count
-            rows = slice(offset, offset + count)
-            layer_k, layer_v = cache.layers[self.layer_index]
-            layer_k[:, start:end] = k[:, rows]
-            layer_v[:, start:end] = v[:, rows]
-            keys, values = layer_k[:, :end].unsqueeze(0), layer_v[:, :end].unsqueeze(0)
+        queries = q.split_with_sizes(counts, dim=2)
+        for q_rows, keys, values, start, count in zip(
+            queries, views.keys[layer], views.values[layer], views.starts, counts, strict=True
+        ):
             if count == 1:  # one new token attends to everything cached
-                out = F.scaled_dot_product_attention(q[:, :, rows], keys, values,
-                                                     enable_gqa=True)
+                out = F.scaled_dot_product_attention(q_rows, keys, values, enable_gqa=True)
             elif start == 0:
                 out = F.scaled_dot_product_attention(
-                    q[:, :, rows], keys, values, is_causal=True, enable_gqa=True
+                    q_rows, keys, values, is_causal=True, enable_gqa=True
                 )
             else:  # a later prefill chunk: causal, offset by what the cache already holds
+                end = start + count
                 positions = torch.arange(start, end, device=x.device).unsqueeze(1)
                 mask = torch.arange(end, device=x.device).unsqueeze(0) <= positions
                 out = F.scaled_dot_product_attention(
-                    q[:, :, rows], keys, values, attn_mask=mask, enable_gqa=True
+                    q_rows, keys, values, attn_mask=mask, enable_gqa=True
                 )
             outputs.append(out)
-            offset += count
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-        projected: torch.Tensor = self.o_proj(attended[0].transpose(0, 1).reshape(n, -1))
-        return projected
+        return self.threads.run(self.o_proj, attended[0].transpose(0, 1).reshape(n, -1))
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
 
-    def __init__(self, config: DecoderConfig) -> None:
+    def __init__(self, config: DecoderConfig, threads: ThreadSplit) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
+        self.threads = threads
         self.gate_up_proj = _Linear(config.hidden_size, 2 * config.intermediate_size,
                                     bias=False)
         """gate and up projections as one matrix (rows in that order; see `FUSED_PARTS`)."""
         self.down_proj = _Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        out: torch.Tensor = self.down_proj(F.silu(gate) * up)
-        return out
+        gate, up = self.threads.run(self.gate_up_proj, x).chunk(2, dim=-1)
+        return self.threads.run(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, config: DecoderConfig, layer_index: int) -> None:
+    def __init__(self, config: DecoderConfig, layer_index: int, threads: ThreadSplit) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_index)
+        self.self_attn = Attention(config, layer_index, threads)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, threads)
 
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        caches: Sequence[KVCache],
-        counts: Sequence[int],
+        views: StepViews,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, caches, counts)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, views)
         out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
         return out
 
@@ -344,8 +362,12 @@ class DecoderModel(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config
+        self.threads = ThreadSplit()
+        """CPU threads of the linear layers' matrix products and of the rest (set by the
+        engine; `neuron.engines.torch_threads`)."""
         self.embed_tokens = _Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, self.threads)
+                                    for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = _Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
@@ -395,16 +417,16 @@ class DecoderModel(nn.Module):
         self.row_plan.set(counts)
         x = self.embed_tokens(input_ids)
         cos, sin = self._rope_tables(positions, x.dtype)
+        views = StepViews(caches, counts)
         for layer in self.layers:
-            x = layer(x, cos, sin, caches, counts)
+            x = layer(x, cos, sin, views)
         for cache, count in zip(caches, counts, strict=True):
             cache.length += count
         if not all_logits:
             last = torch.tensor(list(accumulate(counts)), device=x.device) - 1
             x = x[last]
             self.row_plan.set([1] * len(counts))
-        logits: torch.Tensor = self.lm_head(self.norm(x))
-        return logits.float()
+        return self.threads.run(self.lm_head, self.norm(x)).float()
 
     def _rope_tables(
         self, positions: torch.Tensor, dtype: torch.dtype

@@ -13,7 +13,6 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -41,6 +40,7 @@ from neuron.engines.torch_quant import (
     fbgemm_fp16_available,
     quantize,
 )
+from neuron.engines.torch_threads import OTHER_THREADS, cpu_cores
 from neuron.engines.torch_weights import (
     GGUFFile,
     config_from_gguf,
@@ -110,12 +110,6 @@ def default_prefill_chunk(device: torch.device) -> int:
     return 128 if device.type == "cpu" else 512
 
 
-def cpu_threads() -> int:
-    """torch threads for a CPU neuron: every core but one, which the event loop (heartbeats,
-    cancels, the token stream) keeps under full load."""
-    return max(1, (os.cpu_count() or 1) - 1)
-
-
 class TorchEngine:
     """Loads Llama / SmolLM / Qwen2 / Qwen3 models into our torch decoder."""
 
@@ -143,8 +137,10 @@ class TorchEngine:
                 `default_prefill_chunk` of the device).
             use_chat_template: false forces the ChatML template (``NEURON_USE_CHAT_TEMPLATE``).
             max_batch: sequences one model runs at once (more wait for a place).
-            threads: torch's intra-op threads on the CPU (None: all cores but one, so the event
-                loop and the bus keep a core under full load).
+            threads: on the CPU, torch's intra-op threads for the linear layers' matrix
+                products (None: every core); everything else runs on one thread, so the event
+                loop and the bus find a core free between products
+                (`neuron.engines.torch_threads`).
             quantize: ``fp16`` / ``int8`` / ``int4``: linear weights as float16 (fbgemm, x86
                 builds of torch) / int8 / int4, activations float32 (CPU only;
                 `neuron.engines.torch_quant`); ``auto``: on a CPU without fast bfloat16, fp16
@@ -153,8 +149,8 @@ class TorchEngine:
                 start the same way (`neuron.engines.torch_prefix`).
 
         Raises:
-            ValueError: an unknown device or dtype, a non-positive chunk size, or ``fp16``
-                weights where torch has no fbgemm.
+            ValueError: an unknown device or dtype, a non-positive chunk size or thread count,
+                or ``fp16`` weights where torch has no fbgemm.
         """
         self.device = torch.device(device)
         if prefill_chunk_tokens is None:
@@ -185,8 +181,14 @@ class TorchEngine:
             raise ValueError("quantize fp16 needs a torch build with fbgemm (x86); use int8")
         if self.weights is not None:
             self.dtype = torch.float32  # activations; linear weights are converted after loading
+        if threads is not None and threads < 1:
+            raise ValueError("threads must be at least 1")
+        self.matmul_threads = threads or cpu_cores()
+        """On the CPU, threads of the linear layers' matrix products (`ThreadSplit`)."""
         if self.device.type == "cpu":
-            torch.set_num_threads(threads or cpu_threads())
+            # every thread but a step loop's, during its products, stays on one: see
+            # `neuron.engines.torch_threads` for why a loader's threads would slow those
+            torch.set_num_threads(OTHER_THREADS)
 
     def load(self, files: ModelFiles, progress: ProgressCallback) -> TorchModel:
         """Load a model's tokenizer, chat template and weights; blocking.
@@ -214,6 +216,8 @@ class TorchEngine:
         tokenizer, gguf_template, load_weights = prepared
         template = self._chat_template(files, tokenizer_config, gguf_template, tokenizer)
         model = load_weights(weights_progress)
+        if self.device.type == "cpu":
+            model.threads.configure(self.matmul_threads)
         info = _model_info(files, model, self.device, self.dtype)
         if self.weights is not None:
             progress(0.99, f"converting the linear weights to {self.weights}")

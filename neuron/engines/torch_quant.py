@@ -195,13 +195,15 @@ class Fp16Linear(nn.Module):
             linear.weight.detach().float(), bias)
         self._nbytes = 2 * self.in_features * self.out_features + (
             0 if bias is None else 4 * self.out_features)
+        self._zeros = torch.zeros(FP16_ROW_MULTIPLE - 1, self.in_features)
+        """Padding rows."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
         rows = flat.shape[0]
         padding = -rows % FP16_ROW_MULTIPLE
         if padding:
-            flat = F.pad(flat, (0, 0, 0, padding))
+            flat = torch.cat((flat, self._zeros[:padding]))
         out: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(flat.contiguous(),
                                                                      self._packed)
         if padding:

@@ -10,6 +10,7 @@ import torch
 from neuron.engines.torch_decoder import (
     DecoderConfig,
     DecoderModel,
+    RMSNorm,
     RopeScaling,
     rope_inverse_frequencies,
 )
@@ -147,3 +148,15 @@ def test_unknown_rope_scaling_and_bad_head_counts_are_refused() -> None:
         rope_inverse_frequencies(_config(rope_scaling=RopeScaling(kind="dynamic", factor=2.0)))
     with pytest.raises(UnsupportedArchitectureError):
         _config(num_kv_heads=3)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (17, 64), (5, 3, 16)])
+def test_the_fused_float32_norm_gives_transformers_numbers(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1], 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(shape) * 3
+    # LlamaRMSNorm's formula, operation by operation
+    expected = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+    assert torch.equal(norm(x), expected)
