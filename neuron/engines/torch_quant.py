@@ -7,8 +7,8 @@ activations, attention and the KV cache stay float32.
 inside the kernel, with AVX2's F16C): on SmolLM2-135M, one AMD EPYC core, a decode step's linear
 layers take 20.8 ms at one row and 60 ms at 16 rows, against 26.8 and 134 ms for torch's int8
 kernel, and float16 keeps the GGUF Q4 weights more exactly than int8 does. It gets every row of
-a step in one call: its sums do not depend on the rows around a row, given a multiple of
-`FP16_ROW_MULTIPLE` rows (others are padded).
+a step in one call: its sums do not depend on the rows around a row, given a count of rows
+that `fp16_rows` accepts (others are padded).
 
 For int8 and int4, each forward pass picks a kernel per *entry* (a sequence's new tokens,
 `RowPlan`), never per batch, so a sequence's numbers do not depend on who shares its step:
@@ -169,12 +169,26 @@ class Int4Linear(_QuantLinear):
         return ((q.float() - 8) * scale + zero).view(self.out_features, self.in_features)
 
 
-#: `Fp16Linear` hands fbgemm a multiple of this many rows. fbgemm cuts the rows of a call into
-#: blocks of one to six, each with its own kernel, and the one- and two-row kernels' sums differ
-#: from the others' in the last bits: 1, 2, 7, 14, 31, 32, 37, 38... rows put a row in such a
-#: block, so a sequence's numbers would depend on how many rows share its step. No multiple of
-#: three does (checked for every count up to 603, on one and two threads).
-FP16_ROW_MULTIPLE: Final = 3
+def fp16_rows(rows: int) -> int:
+    """How many rows `Fp16Linear` hands fbgemm for ``rows``: the fewest from ``rows`` up that
+    put no row in a block of one or two.
+
+    fbgemm cuts a call's rows into blocks of 120, then each rest into blocks of one to six, each
+    size with its own kernel, and the one- and two-row kernels' sums differ from the others' in
+    the last bits. With 1, 2, 7, 14, 31, 32, 37, 38... rows (past 30, every count that leaves
+    one or two over a multiple of six; then again for the rest past 120) a row lands in such a
+    block, so a sequence's numbers would depend on how many rows share its step. Those counts
+    get one or two zero rows more. The rule is checked against the kernel in the tests.
+    """
+    padded = rows
+    while _lone_row_block(padded):
+        padded += 1
+    return padded
+
+
+def _lone_row_block(rows: int) -> bool:
+    rest = rows % 120
+    return rest in (1, 2, 7, 14) or (rest >= 31 and rest % 6 in (1, 2))
 
 
 def fbgemm_fp16_available() -> bool:
@@ -195,13 +209,13 @@ class Fp16Linear(nn.Module):
             linear.weight.detach().float(), bias)
         self._nbytes = 2 * self.in_features * self.out_features + (
             0 if bias is None else 4 * self.out_features)
-        self._zeros = torch.zeros(FP16_ROW_MULTIPLE - 1, self.in_features)
+        self._zeros = torch.zeros(2, self.in_features)
         """Padding rows."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
         rows = flat.shape[0]
-        padding = -rows % FP16_ROW_MULTIPLE
+        padding = fp16_rows(rows) - rows
         if padding:
             flat = torch.cat((flat, self._zeros[:padding]))
         out: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(flat.contiguous(),

@@ -21,6 +21,7 @@ from neuron.engines.torch_quant import (
     Int8Linear,
     cpu_has_fast_bf16,
     fbgemm_fp16_available,
+    fp16_rows,
 )
 from tests.support.tiny_models import TinyModel, build_tiny_llama
 
@@ -263,8 +264,8 @@ def test_auto_keeps_float16_weights_on_a_cpu_without_fast_bfloat16() -> None:
 
 def test_a_float16_layer_computes_each_row_alike_in_any_number_of_rows() -> None:
     """fbgemm gives blocks of one or two rows other kernels, whatever the call's size (7 rows:
-    five, then two); `Fp16Linear` pads every call to a multiple of three rows, so a row's
-    numbers never depend on how many rows share its call."""
+    five, then two); `Fp16Linear` pads such calls, so a row's numbers never depend on how many
+    rows share its call."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96, bias=True)
     layer = Fp16Linear(linear)
@@ -276,6 +277,27 @@ def test_a_float16_layer_computes_each_row_alike_in_any_number_of_rows() -> None
     reference = torch.nn.functional.linear(x, linear.weight.half().float(), linear.bias)
     assert torch.allclose(together, reference, atol=1e-4, rtol=1e-4)
     assert layer(x[0]).shape == (96,)  # one vector in, one vector out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp16_rows_pads_exactly_the_counts_whose_rows_fbgemm_sums_differently(
+        threads: int) -> None:
+    if not fbgemm_fp16_available():
+        pytest.skip("this torch build has no fbgemm")
+    torch.manual_seed(0)
+    packed = torch.ops.quantized.linear_prepack_fp16(torch.randn(32, 64), None)
+    x = torch.randn(245, 64)  # 245 rows: blocks of 120, 120 and 5, none of one or two
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        together = torch.ops.quantized.linear_dynamic_fp16(x, packed)
+        for rows in range(1, 246):
+            alike = torch.equal(torch.ops.quantized.linear_dynamic_fp16(x[:rows].clone(), packed),
+                                together[:rows])
+            assert alike == (fp16_rows(rows) == rows), rows
+            assert fp16_rows(rows) - rows <= 2
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
