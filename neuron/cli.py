@@ -279,7 +279,8 @@ def build_engines(settings: NeuronSettings) -> dict[str, Engine]:
                     use_chat_template=settings.use_chat_template,
                     max_batch=settings.max_batch, threads=settings.torch_threads,
                     quantize=_quantize(settings.quantize),
-                    prefix_cache_mb=settings.prefix_cache_mb)
+                    prefix_cache_mb=settings.prefix_cache_mb,
+                    native_attention=settings.native_attention)
             case "ctransformers":
                 from neuron.engines.ctransformers_engine import CTransformersEngine
 

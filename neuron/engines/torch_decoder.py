@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuron.engines.torch_cpu_attention import DecodeAttention, DecodePlan
 from neuron.engines.torch_threads import ThreadSplit
 from neuron.errors import UnsupportedArchitectureError
 
@@ -149,18 +150,34 @@ class KVCache:
 
 
 class StepViews:
-    """The cache views one forward pass uses, made once per pass rather than once per layer
-    and sequence (that bookkeeping was a sixth of a 16-sequence decode step on a CPU).
+    """What one forward pass's attention needs of the caches, made once per pass rather than
+    once per layer and sequence (that bookkeeping was a sixth of a 16-sequence decode step on a
+    CPU).
 
-    For layer ``l``: ``new_k[l]`` and ``new_v[l]`` list, per sequence, where its new keys and
-    values go (``[kv_heads, count, head_dim]``); ``keys[l]`` and ``values[l]`` list what it
-    attends to, its cache up to and including its new tokens (``[1, kv_heads, end, head_dim]``).
+    With a CPU decode kernel (`neuron.engines.torch_cpu_attention`), the sequences that bring
+    one token are `native` (one kernel call per layer); the others, and every sequence without
+    the kernel, go through torch: their indices are `torch_entries`, and for layer ``l``
+    ``new_k[l]`` and ``new_v[l]`` list where their new keys and values go (``[kv_heads, count,
+    head_dim]``), ``keys[l]`` and ``values[l]`` what they attend to, their cache up to and
+    including the new tokens (``[1, kv_heads, end, head_dim]``).
     """
 
-    def __init__(self, caches: Sequence[KVCache], counts: Sequence[int]) -> None:
+    def __init__(self, caches: Sequence[KVCache], counts: Sequence[int],
+                 kernel: DecodeAttention | None, group: int) -> None:
+        self.starts = [cache.length for cache in caches]
+        self.counts = list(counts)
+        self.offsets = [0, *accumulate(counts)][:-1]
+        self.native: DecodePlan | None = None
+        decoding = [] if kernel is None else [i for i, n in enumerate(counts) if n == 1]
+        if kernel is not None and decoding:
+            self.native = kernel.plan([self.offsets[i] for i in decoding],
+                                      [caches[i].k for i in decoding],
+                                      [caches[i].v for i in decoding],
+                                      [self.starts[i] for i in decoding], group)
+        self.torch_entries = [i for i, n in enumerate(counts) if self.native is None or n != 1]
         new_k, new_v, keys, values = [], [], [], []
-        for cache, count in zip(caches, counts, strict=True):
-            start, end = cache.length, cache.length + count
+        for i in self.torch_entries:
+            cache, start, end = caches[i], self.starts[i], self.starts[i] + counts[i]
             new_k.append(cache.k[:, :, start:end].unbind(0))
             new_v.append(cache.v[:, :, start:end].unbind(0))
             keys.append(cache.k[:, :, :end].unsqueeze(1).unbind(0))
@@ -169,8 +186,6 @@ class StepViews:
         self.new_v = list(zip(*new_v, strict=True))
         self.keys = list(zip(*keys, strict=True))
         self.values = list(zip(*values, strict=True))
-        self.starts = [cache.length for cache in caches]
-        self.counts = list(counts)
 
 
 class RowPlan:
@@ -286,32 +301,43 @@ class Attention(nn.Module):
         # leading batch dimension of one keeps torch's CPU flash attention: for three
         # dimensions it falls back to the slower reference maths.)
         q = qk[:, :heads].transpose(0, 1).unsqueeze(0)
-        k, v = qk[:, heads:].transpose(0, 1), v.transpose(0, 1)
         layer = self.layer_index
-        counts = views.counts
-        torch._foreach_copy_(list(views.new_k[layer]), list(k.split_with_sizes(counts, dim=1)))
-        torch._foreach_copy_(list(views.new_v[layer]), list(v.split_with_sizes(counts, dim=1)))
         outputs: list[torch.Tensor] = []
-        queries = q.split_with_sizes(counts, dim=2)
-        for q_rows, keys, values, start, count in zip(
-            queries, views.keys[layer], views.values[layer], views.starts, counts, strict=True
-        ):
-            if count == 1:  # one new token attends to everything cached
-                out = F.scaled_dot_product_attention(q_rows, keys, values, enable_gqa=True)
-            elif start == 0:
-                out = F.scaled_dot_product_attention(
-                    q_rows, keys, values, is_causal=True, enable_gqa=True
-                )
-            else:  # a later prefill chunk: causal, offset by what the cache already holds
-                end = start + count
-                positions = torch.arange(start, end, device=x.device).unsqueeze(1)
-                mask = torch.arange(end, device=x.device).unsqueeze(0) <= positions
-                out = F.scaled_dot_product_attention(
-                    q_rows, keys, values, attn_mask=mask, enable_gqa=True
-                )
-            outputs.append(out)
-        attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-        return self.threads.run(self.o_proj, attended[0].transpose(0, 1).reshape(n, -1))
+        entries = views.torch_entries
+        if entries:
+            counts = views.counts
+            k_parts = qk[:, heads:].transpose(0, 1).split_with_sizes(counts, dim=1)
+            v_parts = v.transpose(0, 1).split_with_sizes(counts, dim=1)
+            q_parts = q.split_with_sizes(counts, dim=2)
+            torch._foreach_copy_(list(views.new_k[layer]), [k_parts[i] for i in entries])
+            torch._foreach_copy_(list(views.new_v[layer]), [v_parts[i] for i in entries])
+            outputs = [_attend(q_parts[i], keys, values, views.starts[i], counts[i])
+                       for i, keys, values in zip(entries, views.keys[layer],
+                                                  views.values[layer], strict=True)]
+        if views.native is None:
+            attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+            heads_last = attended[0].transpose(0, 1).reshape(n, -1)
+        else:
+            out = qk.new_empty((n, heads, self.head_dim))
+            views.native.run(layer, qk, v, out)
+            for i, part in zip(entries, outputs, strict=True):
+                out[views.offsets[i] : views.offsets[i] + views.counts[i]] = part[0].transpose(0, 1)
+            heads_last = out.view(n, -1)
+        return self.threads.run(self.o_proj, heads_last)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
+            count: int) -> torch.Tensor:
+    """torch's attention for one sequence's ``count`` new tokens, the first at ``start``."""
+    if count == 1:  # one new token attends to everything cached
+        return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+    if start == 0:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+    # a later prefill chunk: causal, offset by what the cache already holds
+    end = start + count
+    positions = torch.arange(start, end, device=q.device).unsqueeze(1)
+    mask = torch.arange(end, device=q.device).unsqueeze(0) <= positions
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -372,6 +398,8 @@ class DecoderModel(nn.Module):
         self.lm_head = _Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
         self.row_plan = RowPlan()
+        self.decode_attention: DecodeAttention | None = None
+        """The CPU decode kernel, where the engine built one (float32 CPU caches only)."""
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head (``tie_word_embeddings``)."""
@@ -417,7 +445,8 @@ class DecoderModel(nn.Module):
         self.row_plan.set(counts)
         x = self.embed_tokens(input_ids)
         cos, sin = self._rope_tables(positions, x.dtype)
-        views = StepViews(caches, counts)
+        views = StepViews(caches, counts, self.decode_attention,
+                          self.config.num_heads // self.config.num_kv_heads)
         for layer in self.layers:
             x = layer(x, cos, sin, views)
         for cache, count in zip(caches, counts, strict=True):

@@ -33,6 +33,7 @@ from neuron.engines.base import (
     Step,
 )
 from neuron.engines.torch_batching import BatchLoop, BatchStats
+from neuron.engines.torch_cpu_attention import load_decode_attention
 from neuron.engines.torch_decoder import DecoderModel
 from neuron.engines.torch_quant import (
     WeightKind,
@@ -126,6 +127,7 @@ class TorchEngine:
         threads: int | None = None,
         quantize: Quantize = "none",
         prefix_cache_mb: int = 256,
+        native_attention: bool = True,
     ) -> None:
         """Configure the engine.
 
@@ -147,6 +149,9 @@ class TorchEngine:
                 where fbgemm is there, else int8; elsewhere as ``dtype``; ``none``.
             prefix_cache_mb: per model, KV cache of finished sequences kept for prompts that
                 start the same way (`neuron.engines.torch_prefix`).
+            native_attention: on the CPU with float32 activations, decode attention in the C
+                kernel of `neuron.engines.torch_cpu_attention` (built on first use; torch's
+                attention where it cannot be).
 
         Raises:
             ValueError: an unknown device or dtype, a non-positive chunk size or thread count,
@@ -164,6 +169,7 @@ class TorchEngine:
         if prefix_cache_mb < 0:
             raise ValueError("prefix_cache_mb must be >= 0")
         self.prefix_cache_mb = prefix_cache_mb
+        self.native_attention = native_attention
         self.weights: WeightKind | None = None
         """How the linear layers keep their weights (None: as ``dtype``)."""
         if self.device.type == "cpu":
@@ -218,6 +224,8 @@ class TorchEngine:
         model = load_weights(weights_progress)
         if self.device.type == "cpu":
             model.threads.configure(self.matmul_threads)
+            if self.native_attention and self.dtype == torch.float32:
+                model.decode_attention = load_decode_attention()
         info = _model_info(files, model, self.device, self.dtype)
         if self.weights is not None:
             progress(0.99, f"converting the linear weights to {self.weights}")
