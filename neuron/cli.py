@@ -280,7 +280,7 @@ def build_engines(settings: NeuronSettings) -> dict[str, Engine]:
                     max_batch=settings.max_batch, threads=settings.torch_threads,
                     quantize=_quantize(settings.quantize),
                     prefix_cache_mb=settings.prefix_cache_mb,
-                    native_attention=settings.native_attention)
+                    native_kernels=settings.native_kernels)
             case "ctransformers":
                 from neuron.engines.ctransformers_engine import CTransformersEngine
 

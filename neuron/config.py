@@ -157,7 +157,7 @@ class NeuronConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     torch_threads: PositiveInt | None = None
     quantize: Literal["auto", "none", "fp16", "int8", "int4"] = "auto"
     prefix_cache_mb: NonNegativeInt = 256
-    native_attention: bool = True
+    native_kernels: bool = True
     heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
@@ -293,7 +293,7 @@ def settings_from_config(
         torch_threads=config.torch_threads,
         quantize=config.quantize,
         prefix_cache_mb=config.prefix_cache_mb,
-        native_attention=config.native_attention,
+        native_kernels=config.native_kernels,
         max_prompt_tokens=config.max_prompt_tokens,
         prefill_chunk_tokens=config.prefill_chunk_tokens,
         drain_timeout_s=config.drain_timeout_s,

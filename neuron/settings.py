@@ -111,9 +111,10 @@ class NeuronSettings:
     prefix_cache_mb: int = 256
     """KV cache of finished sequences kept per model for prompts that start the same way
     (``neuron.engines.torch_prefix``); 0: prefixes are shared only between running sequences."""
-    native_attention: bool = True
-    """On the CPU, decode attention in a C kernel built with the machine's compiler on first
-    use (``neuron.engines.torch_cpu_attention``; torch's attention where it cannot be built)."""
+    native_kernels: bool = True
+    """On the CPU, decode attention and float16 products in C kernels built with the machine's
+    compiler on first use (``neuron.engines.torch_cpu_kernels``; torch's where they cannot be
+    built)."""
     torch_threads: int | None = None
     """On the CPU, torch's threads for the linear layers' matrix products; None: every core.
     Everything else runs on one thread (``neuron.engines.torch_threads``)."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuron.engines.torch_cpu_attention import DecodeAttention, DecodePlan
+from neuron.engines.torch_cpu_kernels import DecodeAttention, DecodePlan
 from neuron.engines.torch_threads import ThreadSplit
 from neuron.errors import UnsupportedArchitectureError
 
@@ -154,7 +154,7 @@ class StepViews:
     once per layer and sequence (that bookkeeping was a sixth of a 16-sequence decode step on a
     CPU).
 
-    With a CPU decode kernel (`neuron.engines.torch_cpu_attention`), the sequences that bring
+    With a CPU decode kernel (`neuron.engines.torch_cpu_kernels`), the sequences that bring
     one token are `native` (one kernel call per layer); the others, and every sequence without
     the kernel, go through torch: their indices are `torch_entries`, and for layer ``l``
     ``new_k[l]`` and ``new_v[l]`` list where their new keys and values go (``[kv_heads, count,

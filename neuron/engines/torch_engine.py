@@ -33,7 +33,7 @@ from neuron.engines.base import (
     Step,
 )
 from neuron.engines.torch_batching import BatchLoop, BatchStats
-from neuron.engines.torch_cpu_attention import load_decode_attention
+from neuron.engines.torch_cpu_kernels import CpuKernels, load_cpu_kernels
 from neuron.engines.torch_decoder import DecoderModel
 from neuron.engines.torch_quant import (
     WeightKind,
@@ -127,7 +127,7 @@ class TorchEngine:
         threads: int | None = None,
         quantize: Quantize = "none",
         prefix_cache_mb: int = 256,
-        native_attention: bool = True,
+        native_kernels: bool = True,
     ) -> None:
         """Configure the engine.
 
@@ -149,9 +149,9 @@ class TorchEngine:
                 where fbgemm is there, else int8; elsewhere as ``dtype``; ``none``.
             prefix_cache_mb: per model, KV cache of finished sequences kept for prompts that
                 start the same way (`neuron.engines.torch_prefix`).
-            native_attention: on the CPU with float32 activations, decode attention in the C
-                kernel of `neuron.engines.torch_cpu_attention` (built on first use; torch's
-                attention where it cannot be).
+            native_kernels: on the CPU with float32 activations, decode attention and float16
+                products in the C kernels of `neuron.engines.torch_cpu_kernels` (built on
+                first use; torch's and fbgemm's kernels where they cannot be).
 
         Raises:
             ValueError: an unknown device or dtype, a non-positive chunk size or thread count,
@@ -169,7 +169,7 @@ class TorchEngine:
         if prefix_cache_mb < 0:
             raise ValueError("prefix_cache_mb must be >= 0")
         self.prefix_cache_mb = prefix_cache_mb
-        self.native_attention = native_attention
+        self.native_kernels = native_kernels
         self.weights: WeightKind | None = None
         """How the linear layers keep their weights (None: as ``dtype``)."""
         if self.device.type == "cpu":
@@ -222,14 +222,17 @@ class TorchEngine:
         tokenizer, gguf_template, load_weights = prepared
         template = self._chat_template(files, tokenizer_config, gguf_template, tokenizer)
         model = load_weights(weights_progress)
+        kernels: CpuKernels | None = None
         if self.device.type == "cpu":
             model.threads.configure(self.matmul_threads)
-            if self.native_attention and self.dtype == torch.float32:
-                model.decode_attention = load_decode_attention()
+            if self.native_kernels and self.dtype == torch.float32:
+                kernels = load_cpu_kernels()
+                model.decode_attention = None if kernels is None else kernels.decode_attention
         info = _model_info(files, model, self.device, self.dtype)
         if self.weights is not None:
             progress(0.99, f"converting the linear weights to {self.weights}")
-            info = dataclasses.replace(info, memory_bytes=quantize(model, self.weights),
+            gemv = None if kernels is None else kernels.fp16_gemv
+            info = dataclasses.replace(info, memory_bytes=quantize(model, self.weights, gemv),
                                        dtype=f"{self.weights} (float32 activations)")
         logger.info(
             "loaded %s (%s, %s, %.1fM parameters, %.0f MiB, %s on %s) in %.2f s",

@@ -8,7 +8,9 @@ inside the kernel, with AVX2's F16C): on SmolLM2-135M, one AMD EPYC core, a deco
 layers take 20.8 ms at one row and 60 ms at 16 rows, against 26.8 and 134 ms for torch's int8
 kernel, and float16 keeps the GGUF Q4 weights more exactly than int8 does. It gets every row of
 a step in one call: its sums do not depend on the rows around a row, given a count of rows
-that `fp16_rows` accepts (others are padded).
+that `fp16_rows` accepts (others are padded). Where the engine built its CPU kernels
+(`neuron.engines.torch_cpu_kernels`), `Fp16Linear` runs their float16 product instead, with
+fbgemm's sums for every count of rows and nothing padded.
 
 For int8 and int4, each forward pass picks a kernel per *entry* (a sequence's new tokens,
 `RowPlan`), never per batch, so a sequence's numbers do not depend on who shares its step:
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuron.engines.torch_cpu_kernels import Fp16Gemv
 from neuron.engines.torch_decoder import DecoderModel, RowPlan
 
 #: A prompt piece of at least this many rows is multiplied in float32 (dequantised weights).
@@ -198,31 +201,54 @@ def fbgemm_fp16_available() -> bool:
 
 
 class Fp16Linear(nn.Module):
-    """``y = x W^T + b`` with ``W`` in float16, packed for fbgemm; ``x`` and ``y`` float32."""
+    """``y = x W^T + b`` with ``W`` in float16; ``x`` and ``y`` float32.
 
-    def __init__(self, linear: nn.Linear) -> None:
+    With ``gemv`` (`neuron.engines.torch_cpu_kernels`), the weights are kept as its panels and
+    every call runs it: the sums of fbgemm's three-to-six-row kernels for any number of rows,
+    so nothing is padded, and a lone decode row reads the weights once instead of as three
+    rows. Without it, fbgemm's packed weights and kernels, calls padded per `fp16_rows`."""
+
+    def __init__(self, linear: nn.Linear, gemv: Fp16Gemv | None = None) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        self._packed = torch.ops.quantized.linear_prepack_fp16(
-            linear.weight.detach().float(), bias)
-        self._nbytes = 2 * self.in_features * self.out_features + (
-            0 if bias is None else 4 * self.out_features)
+        self._bias = None if linear.bias is None else linear.bias.detach().float()
+        packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(),
+                                                         self._bias)
+        self._gemv = gemv
+        self._packed = None if gemv is not None else packed
+        self._panels: torch.Tensor | None = None
+        weight_bytes = 2 * self.in_features * self.out_features
+        if gemv is not None:  # fbgemm's float16 values, so both paths multiply the same weights
+            self._panels = gemv.panels(torch.ops.quantized.linear_unpack_fp16(packed)[0])
+            weight_bytes = self._panels.numel() * self._panels.element_size()
+        self._nbytes = weight_bytes + (0 if self._bias is None else 4 * self.out_features)
         self._zeros = torch.zeros(2, self.in_features)
-        """Padding rows."""
+        """Padding rows (fbgemm)."""
+
+    @property
+    def uses_gemv(self) -> bool:
+        """Whether calls run the `Fp16Gemv` kernel rather than fbgemm."""
+        return self._panels is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
+        if self._gemv is not None and self._panels is not None:
+            out = self._gemv.multiply(flat, self._panels)[:, : self.out_features]
+            if self._bias is not None:
+                out = out + self._bias
+        else:
+            out = self._fbgemm(flat)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _fbgemm(self, flat: torch.Tensor) -> torch.Tensor:
         rows = flat.shape[0]
         padding = fp16_rows(rows) - rows
         if padding:
             flat = torch.cat((flat, self._zeros[:padding]))
         out: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(flat.contiguous(),
                                                                      self._packed)
-        if padding:
-            out = out[:rows]
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return out[:rows] if padding else out
 
     def nbytes(self) -> int:
         return self._nbytes
@@ -231,10 +257,10 @@ class Fp16Linear(nn.Module):
 WeightKind = Literal["fp16", "int8", "int4"]
 
 
-def quantize(model: DecoderModel, kind: WeightKind) -> int:
-    """Replace ``model``'s linear layers with `Fp16Linear`, `Int8Linear` or `Int4Linear` in
-    place (layers of shapes the int kernels do not take stay float32); returns the bytes the
-    model's weights take afterwards."""
+def quantize(model: DecoderModel, kind: WeightKind, gemv: Fp16Gemv | None = None) -> int:
+    """Replace ``model``'s linear layers with `Fp16Linear` (given ``gemv``, for its lone rows),
+    `Int8Linear` or `Int4Linear` in place (layers of shapes the int kernels do not take stay
+    float32); returns the bytes the model's weights take afterwards."""
     model.float()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -242,7 +268,7 @@ def quantize(model: DecoderModel, kind: WeightKind) -> int:
                 continue
             match kind:
                 case "fp16":
-                    setattr(parent, name, Fp16Linear(child))
+                    setattr(parent, name, Fp16Linear(child, gemv))
                 case "int8" | "int4":
                     packed = Int8Linear if kind == "int8" else Int4Linear
                     if packed.fits(child):

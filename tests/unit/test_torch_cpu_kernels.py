@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuron.engines.torch_cpu_attention import (
-    DecodeAttention,
-    build_decode_attention,
-    load_decode_attention,
+from neuron.engines.torch_cpu_kernels import (
+    CpuKernels,
+    Fp16Gemv,
+    build_cpu_kernels,
+    load_cpu_kernels,
 )
 from neuron.engines.torch_decoder import DecoderModel, KVCache
 from neuron.engines.torch_engine import TorchEngine, TorchModel
-from neuron.engines.torch_quant import fbgemm_fp16_available
+from neuron.engines.torch_quant import Fp16Linear, fbgemm_fp16_available
 from tests.support.tiny_models import TinyModel, build_tiny_llama
 
 
@@ -41,10 +42,10 @@ def model(tiny: TinyModel) -> TorchModel:
     return TorchEngine(quantize="fp16").load(tiny.safetensors_files(), _ignore)
 
 
-def _kernel() -> DecodeAttention:
-    kernel = load_decode_attention()
-    assert kernel is not None, "these machines have a C compiler: the kernel must build"
-    return kernel
+def _kernels() -> CpuKernels:
+    kernels = load_cpu_kernels()
+    assert kernels is not None, "these machines have a C compiler: the kernels must build"
+    return kernels
 
 
 def _steps(decoder: DecoderModel, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
@@ -67,7 +68,7 @@ def _steps(decoder: DecoderModel, prompts: list[list[int]], steps: int) -> list[
 
 
 def test_the_engine_uses_the_kernel_for_float32_caches_on_a_cpu(model: TorchModel) -> None:
-    assert model.decoder.decode_attention is _kernel()
+    assert model.decoder.decode_attention is _kernels().decode_attention
 
 
 def test_the_kernel_gives_torch_attentions_numbers(model: TorchModel) -> None:
@@ -78,7 +79,7 @@ def test_the_kernel_gives_torch_attentions_numbers(model: TorchModel) -> None:
     try:
         with_torch = _steps(decoder, prompts, 12)
     finally:
-        decoder.decode_attention = _kernel()
+        decoder.decode_attention = _kernels().decode_attention
     for ours, theirs in zip(with_kernel, with_torch, strict=True):
         assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
         assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
@@ -115,8 +116,8 @@ def test_a_sequence_gets_the_same_numbers_alone_and_batched(model: TorchModel) -
 def test_without_a_compiler_torch_attention_stays(caplog: pytest.LogCaptureFixture,
                                                   tmp_path: Path) -> None:
     with caplog.at_level(logging.WARNING):
-        assert build_decode_attention(None) is None
-        assert build_decode_attention(str(tmp_path / "no-such-cc")) is None
+        assert build_cpu_kernels(None) is None
+        assert build_cpu_kernels(str(tmp_path / "no-such-cc")) is None
     assert "no C compiler" in caplog.text
     assert "could not build" in caplog.text
 
@@ -126,10 +127,10 @@ def test_a_broken_build_is_reported_not_cached(caplog: pytest.LogCaptureFixture,
                                                tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with caplog.at_level(logging.WARNING):
-        assert build_decode_attention("false") is None  # a "compiler" that fails
+        assert build_cpu_kernels("false") is None  # a "compiler" that fails
     assert "false failed" in caplog.text
     assert not list((tmp_path / "cortex" / "kernels").glob("*.so"))
-    built = build_decode_attention(str(_kernel_compiler()))
+    built = build_cpu_kernels(str(_kernel_compiler()))
     assert built is not None and built.library.parent == tmp_path / "cortex" / "kernels"
 
 
@@ -139,10 +140,68 @@ def _kernel_compiler() -> str:
     return compiler
 
 
-def test_native_attention_false_keeps_torch_attention(tiny: TinyModel) -> None:
-    model = TorchEngine(dtype="float32", native_attention=False).load(tiny.safetensors_files(),
+def test_native_kernels_false_keeps_torch_attention(tiny: TinyModel) -> None:
+    model = TorchEngine(dtype="float32", native_kernels=False).load(tiny.safetensors_files(),
                                                                        _ignore)
     try:
         assert model.decoder.decode_attention is None
     finally:
         model.close()
+
+
+def _gemv() -> Fp16Gemv:
+    gemv = _kernels().fp16_gemv
+    assert gemv is not None, "these machines have AVX2, F16C and FMA"
+    return gemv
+
+
+@pytest.mark.parametrize(("out_features", "in_features", "bias"),
+                         [(960, 576, False), (576, 1536, False), (3072, 576, True),
+                          (100, 64, True), (49152, 576, False)])
+def test_the_kernel_gives_every_row_the_numbers_fbgemm_gives_it_in_a_batch(
+        out_features: int, in_features: int, bias: bool) -> None:
+    """Alone, as one of two (fbgemm's own one- and two-row kernels sum differently), or in
+    any larger call; and it keeps one copy of the weights."""
+    if not fbgemm_fp16_available():
+        pytest.skip("this torch build has no fbgemm")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.mul_(3)  # weights that float16 rounds
+    kernel, plain = Fp16Linear(linear, _gemv()), Fp16Linear(linear)
+    x = torch.randn(40, in_features)
+    batch = plain(x)  # forty rows: blocks of six and four, none of one or two
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 7, 16, 40):
+            assert torch.equal(kernel(x[:rows]), batch[:rows]), rows
+    padded_outputs = -out_features % 64
+    assert plain.nbytes() <= kernel.nbytes() <= plain.nbytes() + 2 * in_features * padded_outputs
+
+
+def test_the_engine_gives_float16_layers_the_kernel(tiny: TinyModel) -> None:
+    if not fbgemm_fp16_available():
+        pytest.skip("this torch build has no fbgemm")
+    with_kernel = TorchEngine(quantize="fp16").load(tiny.safetensors_files(), _ignore)
+    without = TorchEngine(quantize="fp16", native_kernels=False).load(tiny.safetensors_files(),
+                                                                       _ignore)
+    try:
+        layers = [m for m in with_kernel.decoder.modules() if isinstance(m, Fp16Linear)]
+        assert layers and all(m.uses_gemv for m in layers)
+        assert not any(m.uses_gemv for m in without.decoder.modules()
+                       if isinstance(m, Fp16Linear))
+        # one copy of the weights either way (the kernel's panels pad outputs to 64)
+        assert 0 <= with_kernel.info.memory_bytes - without.info.memory_bytes < 0.05 * (
+            without.info.memory_bytes)
+        # the same attention on both sides: only the lone-row products differ in kernel
+        without.decoder.decode_attention = with_kernel.decoder.decode_attention
+        prompt = torch.arange(3, 30)
+        with torch.inference_mode():
+            logits = []
+            for model in (with_kernel, without):
+                cache = model.decoder.new_cache(64)
+                first = model.decoder(prompt, [cache], [len(prompt)])
+                logits.append(model.decoder(first.argmax(-1), [cache], [1]))
+        assert torch.equal(logits[0], logits[1])
+    finally:
+        with_kernel.close()
+        without.close()
