@@ -6,6 +6,8 @@
  * its query to the cache up to and including them. Each sequence is computed alone, by the same
  * code, whatever the others: its numbers do not depend on its batch.
  *
+ * cortex_rms_norm: RMSNorm of each row, computed alone.
+ *
  * cortex_fp16_gemv: one row times float16 weights, each output a chain of fused multiply-adds
  * over k in order from zero: the sums fbgemm's float16 kernels for three to six rows make, bit
  * for bit, so a lone row gets the numbers it would get in a batch. */
@@ -127,6 +129,21 @@ void cortex_decode_attention(
                 for (int64_t d = 0; d < dim; d++) o[d] *= inverse;
             }
         }
+    }
+}
+
+/* out[r] = weight * x[r] / sqrt(mean(x[r]^2) + eps) for rows of n floats (contiguous). */
+void cortex_rms_norm(int64_t rows, int64_t n, const float *x, const float *weight, float eps,
+                     float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *o = out + r * n;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < n; i++) squares += xr[i] * xr[i];
+        const float scale = 1.0f / sqrtf(squares / (float)n + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) o[i] = weight[i] * (xr[i] * scale);
     }
 }
 

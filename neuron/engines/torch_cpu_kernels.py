@@ -9,6 +9,8 @@ in a way that breaks batched == solo.
   through torch). Prompt pieces keep torch's attention. Each sequence is computed alone by the
   same code, in float32 with a max-subtracted softmax, so its numbers do not depend on its batch;
   they agree with torch's attention to about 1e-6 (tests).
+- **RMSNorm in one call** (`RmsNorm`): torch's fused norm runs six operations inside, about
+  25 µs for one row; 61 norms per SmolLM2 step.
 - **Float16 weights times any number of rows** (`Fp16Gemv`). fbgemm's kernels for one and two
   rows sum differently from its kernels for three to six, so `Fp16Linear` padded a lone decode
   row to three (and 7, 14, 31... rows by one or two). This kernel's sums are those of fbgemm's
@@ -78,8 +80,31 @@ class CpuKernels:
         self.library = library
         handle = ctypes.CDLL(str(library))
         self.decode_attention = DecodeAttention(handle)
+        self.rms_norm = RmsNorm(handle)
         self.fp16_gemv = Fp16Gemv(handle) if handle.cortex_has_fp16_gemv() else None
         """None where the CPU lacks AVX2, F16C or FMA."""
+
+
+class RmsNorm:
+    """RMSNorm of float32 rows in one call (torch's fused norm is six operations inside)."""
+
+    def __init__(self, handle: ctypes.CDLL) -> None:
+        function = handle.cortex_rms_norm
+        function.restype = None
+        function.argtypes = [_I64, _I64, _PTR, _PTR, ctypes.c_float, _PTR]
+        self._function = function
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``weight * x / sqrt(mean(x ** 2) + eps)`` over the last dimension of float32 ``x``."""
+        size = x.shape[-1]
+        if (x.dtype != torch.float32 or weight.dtype != torch.float32
+                or weight.shape != (size,) or not weight.is_contiguous()):
+            raise ValueError("x and the weight disagree")
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        self._function(x.numel() // size, size, x.data_ptr(), weight.data_ptr(), eps,
+                       out.data_ptr())
+        return out
 
 
 class Fp16Gemv:

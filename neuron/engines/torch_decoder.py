@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuron.engines.torch_cpu_kernels import DecodeAttention, DecodePlan
+from neuron.engines.torch_cpu_kernels import CpuKernels, DecodeAttention, DecodePlan, RmsNorm
 from neuron.engines.torch_threads import ThreadSplit
 from neuron.errors import UnsupportedArchitectureError
 
@@ -249,10 +249,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.kernel: RmsNorm | None = None
+        """The CPU kernel, where the engine built one (float32 inputs)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if dtype == torch.float32:  # torch's fused norm: one operation, the same numbers
+        if dtype == torch.float32:
+            if self.kernel is not None:
+                return self.kernel(x, self.weight, self.eps)
+            # torch's fused norm: one call, the same numbers as the formula below
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -401,6 +406,14 @@ class DecoderModel(nn.Module):
         self.decode_attention: DecodeAttention | None = None
         """The CPU decode kernel, where the engine built one (float32 CPU caches only)."""
 
+    def use_cpu_kernels(self, kernels: CpuKernels) -> None:
+        """Run decode attention and the float32 norms in the CPU kernels (the float16 linear
+        layers take theirs in `neuron.engines.torch_quant.quantize`)."""
+        self.decode_attention = kernels.decode_attention
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.kernel = kernels.rms_norm
+
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head (``tie_word_embeddings``)."""
         self.lm_head.weight = self.embed_tokens.weight
@@ -463,15 +476,17 @@ class DecoderModel(nn.Module):
         inv_freq = self.inv_freq
         assert isinstance(inv_freq, torch.Tensor)
         freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [tokens, 1, head_dim]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        # [tokens, 1, head_dim]; the sine's first half negated, for `_apply_rope`
+        cos = torch.cat((freqs, freqs), dim=-1).unsqueeze(1).cos()
+        sin = freqs.sin().unsqueeze(1)
+        return cos.to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on ``[tokens, heads, head_dim]``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on ``[tokens, heads, head_dim]``: ``x cos + (-x2, x1) sin``, with the
+    sign in the table (``(-sin, sin)``) and the halves swapped by one roll, the same numbers in
+    four operations instead of seven."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 def rope_inverse_frequencies(

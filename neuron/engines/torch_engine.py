@@ -227,7 +227,8 @@ class TorchEngine:
             model.threads.configure(self.matmul_threads)
             if self.native_kernels and self.dtype == torch.float32:
                 kernels = load_cpu_kernels()
-                model.decode_attention = None if kernels is None else kernels.decode_attention
+                if kernels is not None:
+                    model.use_cpu_kernels(kernels)
         info = _model_info(files, model, self.device, self.dtype)
         if self.weights is not None:
             progress(0.99, f"converting the linear weights to {self.weights}")

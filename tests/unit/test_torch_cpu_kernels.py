@@ -17,7 +17,7 @@ from neuron.engines.torch_cpu_kernels import (
     build_cpu_kernels,
     load_cpu_kernels,
 )
-from neuron.engines.torch_decoder import DecoderModel, KVCache
+from neuron.engines.torch_decoder import DecoderModel, KVCache, RMSNorm
 from neuron.engines.torch_engine import TorchEngine, TorchModel
 from neuron.engines.torch_quant import Fp16Linear, fbgemm_fp16_available
 from tests.support.tiny_models import TinyModel, build_tiny_llama
@@ -192,8 +192,8 @@ def test_the_engine_gives_float16_layers_the_kernel(tiny: TinyModel) -> None:
         # one copy of the weights either way (the kernel's panels pad outputs to 64)
         assert 0 <= with_kernel.info.memory_bytes - without.info.memory_bytes < 0.05 * (
             without.info.memory_bytes)
-        # the same attention on both sides: only the lone-row products differ in kernel
-        without.decoder.decode_attention = with_kernel.decoder.decode_attention
+        # the same attention and norms on both sides: only the products differ in kernel
+        without.decoder.use_cpu_kernels(_kernels())
         prompt = torch.arange(3, 30)
         with torch.inference_mode():
             logits = []
@@ -205,3 +205,21 @@ def test_the_engine_gives_float16_layers_the_kernel(tiny: TinyModel) -> None:
     finally:
         with_kernel.close()
         without.close()
+
+
+def test_the_norm_kernel_gives_the_formulas_numbers_row_by_row(model: TorchModel) -> None:
+    norms = [m for m in model.decoder.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(m.kernel is _kernels().rms_norm for m in norms)
+    torch.manual_seed(0)
+    weight = torch.rand(576) + 0.5
+    x = torch.randn(9, 576) * 4
+    together = _kernels().rms_norm(x, weight, 1e-5)
+    expected = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert torch.allclose(together, expected, rtol=1e-5, atol=1e-6)
+    norm = _kernels().rms_norm
+    for row in range(9):
+        assert torch.equal(norm(x[row : row + 1], weight, 1e-5), together[row : row + 1])
+    heads = x.view(9, 9, 64)  # per-head norms (Qwen3's q/k norm) take the last dimension
+    assert torch.allclose(_kernels().rms_norm(heads, weight[:64].contiguous(), 1e-6),
+                          weight[:64] * (heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True)
+                                                             + 1e-6)), rtol=1e-5, atol=1e-6)
