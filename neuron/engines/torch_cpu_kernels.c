@@ -8,9 +8,10 @@
  *
  * cortex_rms_norm: RMSNorm of each row, computed alone.
  *
- * cortex_fp16_gemv: one row times float16 weights, each output a chain of fused multiply-adds
- * over k in order from zero: the sums fbgemm's float16 kernels for three to six rows make, bit
- * for bit, so a lone row gets the numbers it would get in a batch. */
+ * cortex_fp16_gemv (one row) and cortex_fp16_gemm (any number): rows times float16 weights,
+ * each output a chain of fused multiply-adds over k in order from zero: the sums fbgemm's
+ * float16 kernels for three to six rows make, bit for bit, so a row gets the same numbers in
+ * any batch. Only where the compiler targets AVX2, F16C and FMA (cortex_has_fp16_gemv). */
 #include <math.h>
 #include <stdint.h>
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -18,56 +19,6 @@
 #define CORTEX_FP16_GEMV 1
 #else
 #define CORTEX_FP16_GEMV 0
-
-/* Rows [0, R) of x times 16 outputs of a panel (w: the panel's first weight of them), into out:
- * one chain of fused multiply-adds per output and row, as in cortex_fp16_gemv. */
-static inline __attribute__((always_inline)) void rows_times_16(
-    const int R, int64_t k, const float *x, const uint16_t *w, float *out, int64_t out_stride) {
-    __m256 acc[6][2];
-    for (int r = 0; r < R; r++) {
-        acc[r][0] = _mm256_setzero_ps();
-        acc[r][1] = _mm256_setzero_ps();
-    }
-    for (int64_t i = 0; i < k; i++) {
-        const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i * 64)));
-        const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i * 64 + 8)));
-        for (int r = 0; r < R; r++) {
-            const __m256 xr = _mm256_broadcast_ss(x + r * k + i);
-            acc[r][0] = _mm256_fmadd_ps(xr, w0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(xr, w1, acc[r][1]);
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        _mm256_storeu_ps(out + r * out_stride, acc[r][0]);
-        _mm256_storeu_ps(out + r * out_stride + 8, acc[r][1]);
-    }
-}
-
-/* out = x W^T for `rows` rows x ([rows][k], contiguous) and the panels of cortex_fp16_gemv;
- * out is [rows][64 * panels]. Rows go six at a time, 16 outputs at a time; every output's sum is
- * the same chain whatever the rows around it. */
-void cortex_fp16_gemm(int64_t rows, int64_t panels, int64_t k, const float *x,
-                      const uint16_t *weights, float *out, int64_t threads) {
-    const int64_t n = panels * 64;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < panels; p++) {
-        for (int64_t sub = 0; sub < 4; sub++) {
-            const uint16_t *w = weights + p * k * 64 + sub * 16;
-            for (int64_t first = 0; first < rows; first += 6) {
-                const float *xr = x + first * k;
-                float *o = out + first * n + p * 64 + sub * 16;
-                switch (rows - first < 6 ? rows - first : 6) {
-                    case 1: rows_times_16(1, k, xr, w, o, n); break;
-                    case 2: rows_times_16(2, k, xr, w, o, n); break;
-                    case 3: rows_times_16(3, k, xr, w, o, n); break;
-                    case 4: rows_times_16(4, k, xr, w, o, n); break;
-                    case 5: rows_times_16(5, k, xr, w, o, n); break;
-                    default: rows_times_16(6, k, xr, w, o, n); break;
-                }
-            }
-        }
-    }
-}
 #endif
 
 void cortex_decode_attention(

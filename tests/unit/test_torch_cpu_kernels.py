@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from neuron.engines.torch_cpu_kernels import (
+    FLAGS,
+    SOURCE,
     CpuKernels,
     Fp16Gemv,
     build_cpu_kernels,
@@ -223,3 +226,16 @@ def test_the_norm_kernel_gives_the_formulas_numbers_row_by_row(model: TorchModel
     assert torch.allclose(_kernels().rms_norm(heads, weight[:64].contiguous(), 1e-6),
                           weight[:64] * (heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True)
                                                              + 1e-6)), rtol=1e-5, atol=1e-6)
+
+
+def test_without_avx2_the_library_builds_without_the_float16_kernels(tmp_path: Path) -> None:
+    """A CPU without AVX2, F16C or FMA still gets the attention and norm kernels."""
+    library = tmp_path / "baseline.so"
+    flags = [flag for flag in FLAGS if flag != "-march=native"]
+    subprocess.run([_kernel_compiler(), *flags, "-march=x86-64", "-o", str(library), str(SOURCE),
+                    "-lm"], check=True, capture_output=True, timeout=120)
+    kernels = CpuKernels(library)
+    assert kernels.fp16_gemv is None
+    x, weight = torch.randn(2, 64), torch.rand(64)
+    assert torch.allclose(kernels.rms_norm(x, weight, 1e-6), _kernels().rms_norm(x, weight, 1e-6),
+                          rtol=1e-5, atol=1e-6)
