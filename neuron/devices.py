@@ -3,6 +3,7 @@ with memory figures for placement decisions and heartbeats."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -12,6 +13,20 @@ from bus_schema.messages import Device, HostInfo
 
 log = logging.getLogger(__name__)
 _MB = 1024 * 1024
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``avx2``, ``f16c``, ``avx512_bf16``...) from ``/proc/cpuinfo``;
+    empty where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
 
 
 def _meminfo() -> tuple[int, int]:

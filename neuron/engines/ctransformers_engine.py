@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final, Literal, Protocol
 
+from neuron.devices import cpu_flags
 from neuron.engines import ctransformers_worker as proto
 from neuron.engines.base import (
     Finish,
@@ -168,15 +169,7 @@ def describe_exit(returncode: int | None) -> str:
 def detect_lib() -> str:
     """The ctransformers build this CPU runs (``avx2``, ``avx`` or ``basic``), from
     ``/proc/cpuinfo`` (ctransformers' own probe takes about a second per load)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "basic"
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-            break
+    flags = cpu_flags()
     if "avx2" in flags:
         return "avx2"
     if "avx" in flags and "f16c" in flags:

@@ -45,6 +45,8 @@ from typing import Final
 
 import torch
 
+from neuron.devices import cpu_flags
+
 logger = logging.getLogger(__name__)
 
 SOURCE: Final = Path(__file__).with_suffix(".c")
@@ -60,17 +62,6 @@ def kernel_cache_dir() -> Path:
     """Where built kernels are kept."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "cortex" / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return ""
 
 
 class CpuKernels:
@@ -219,7 +210,8 @@ class DecodePlan:
 def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join(
-        [source, " ".join(FLAGS).encode(), compiler.encode(), _cpu_flags().encode()]))
+        [source, " ".join(FLAGS).encode(), compiler.encode(),
+         " ".join(sorted(cpu_flags())).encode()]))
     target = kernel_cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target

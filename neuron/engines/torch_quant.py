@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuron.devices import cpu_flags
 from neuron.engines.torch_cpu_kernels import Fp16Gemv
 from neuron.engines.torch_decoder import DecoderModel, RowPlan
 
@@ -48,12 +49,7 @@ DENSE_MIN_ROWS: Final = 8
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 class _QuantLinear(nn.Module):

@@ -17,6 +17,7 @@ from pathlib import Path
 import gguf
 import pytest
 
+from neuron.devices import cpu_flags
 from neuron.engines import ctransformers_worker as proto
 from neuron.engines.base import Finish, GenerationParams, ModelFiles, Step
 from neuron.engines.ctransformers_engine import (
@@ -600,6 +601,7 @@ def test_close_stops_the_worker(engine: CTransformersEngine, spm: TinySentencePi
 
 def test_helpers() -> None:
     assert detect_lib() in ("avx2", "avx", "basic")
+    assert (detect_lib() == "avx2") == ("avx2" in cpu_flags())  # one reading of /proc/cpuinfo
     assert describe_exit(-11) == "signal 11, SIGSEGV"
     assert describe_exit(1) == "exit status 1"
     with pytest.raises(ValueError, match="batch_size"):
