@@ -302,15 +302,15 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
         qk = _apply_rope(qk, cos, sin)  # q and k rotate alike: one pass over both
-        # heads first ([heads, tokens, head_dim]): each sequence's rows are then a slice. (The
-        # leading batch dimension of one keeps torch's CPU flash attention: for three
-        # dimensions it falls back to the slower reference maths.)
-        q = qk[:, :heads].transpose(0, 1).unsqueeze(0)
         layer = self.layer_index
         outputs: list[torch.Tensor] = []
         entries = views.torch_entries
-        if entries:
+        if entries:  # through torch's attention, sequence by sequence
             counts = views.counts
+            # heads first ([heads, tokens, head_dim]): each sequence's rows are then a slice.
+            # (The leading batch dimension of one keeps torch's CPU flash attention: for three
+            # dimensions it falls back to the slower reference maths.)
+            q = qk[:, :heads].transpose(0, 1).unsqueeze(0)
             k_parts = qk[:, heads:].transpose(0, 1).split_with_sizes(counts, dim=1)
             v_parts = v.transpose(0, 1).split_with_sizes(counts, dim=1)
             q_parts = q.split_with_sizes(counts, dim=2)

@@ -219,7 +219,7 @@ class Fp16Linear(nn.Module):
             self._panels = gemv.panels(torch.ops.quantized.linear_unpack_fp16(packed)[0])
             weight_bytes = self._panels.numel() * self._panels.element_size()
         self._nbytes = weight_bytes + (0 if self._bias is None else 4 * self.out_features)
-        self._zeros = torch.zeros(2, self.in_features)
+        self._zeros = torch.zeros(0 if gemv is not None else 2, self.in_features)
         """Padding rows (fbgemm)."""
 
     @property
@@ -254,7 +254,7 @@ WeightKind = Literal["fp16", "int8", "int4"]
 
 
 def quantize(model: DecoderModel, kind: WeightKind, gemv: Fp16Gemv | None = None) -> int:
-    """Replace ``model``'s linear layers with `Fp16Linear` (given ``gemv``, for its lone rows),
+    """Replace ``model``'s linear layers with `Fp16Linear` (running ``gemv`` where given),
     `Int8Linear` or `Int4Linear` in place (layers of shapes the int kernels do not take stay
     float32); returns the bytes the model's weights take afterwards."""
     model.float()
