@@ -11,15 +11,26 @@
  * cortex_fp16_gemv (one row) and cortex_fp16_gemm (any number): rows times float16 weights,
  * each output a chain of fused multiply-adds over k in order from zero: the sums fbgemm's
  * float16 kernels for three to six rows make, bit for bit, so a row gets the same numbers in
- * any batch. Only where the compiler targets AVX2, F16C and FMA (cortex_has_fp16_gemv). */
+ * any batch. Only where the compiler targets AVX2, F16C and FMA (cortex_has_fp16_gemv).
+ *
+ * cortex_layer_attention_in and cortex_layer_attention_out: a decoder layer of float16 weights
+ * but its attention, for any rows, each row alone (with the float16 kernels only). */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <string.h>
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
 #define CORTEX_FP16_GEMV 1
 #else
 #define CORTEX_FP16_GEMV 0
 #endif
+
+/* One sequence's new token at one key/value head: write its key and value at `position`, then
+ * attend the `group` query heads that share them (queries and out: `group` heads of `dim`). */
+static void attend_group(int64_t dim, int64_t group, int64_t position, float scale,
+                         const float *queries, const float *key, const float *value,
+                         float *keys, float *values, float *out, float *scores);
 
 void cortex_decode_attention(
     int64_t sequences, int64_t heads, int64_t kv_heads, int64_t dim, int64_t layer, float scale,
@@ -31,57 +42,65 @@ void cortex_decode_attention(
     const int64_t *capacities, /* per sequence */
     const int64_t *positions,  /* per sequence: where the new token goes (its cached length) */
     float *out,                /* [tokens, heads, dim] */
-    float *scores)             /* scratch: heads / kv_heads * (max position + 1) floats */
+    float *scores,             /* scratch: `scores_stride` floats per thread */
+    int64_t scores_stride,     /* >= heads / kv_heads * (max position + 1) */
+    int64_t threads)
 {
     const int64_t group = heads / kv_heads;
-    for (int64_t s = 0; s < sequences; s++) {
-        const int64_t capacity = capacities[s], position = positions[s], length = position + 1;
-        const int64_t row = rows[s];
-        float *k_layer = k_caches[s] + layer * kv_heads * capacity * dim;
-        float *v_layer = v_caches[s] + layer * kv_heads * capacity * dim;
-        for (int64_t g = 0; g < kv_heads; g++) {
-            float *keys = k_layer + g * capacity * dim;
-            float *values = v_layer + g * capacity * dim;
-            const float *key = k_new + row * qk_stride + g * dim;
-            const float *value = v_new + row * v_stride + g * dim;
-            for (int64_t d = 0; d < dim; d++) {
-                keys[position * dim + d] = key[d];
-                values[position * dim + d] = value[d];
-            }
-            for (int64_t h = 0; h < group; h++) {
-                const int64_t head = g * group + h;
-                const float *query = q + row * qk_stride + head * dim;
-                float *score = scores + h * length;
-                float best = -INFINITY;
-                for (int64_t j = 0; j < length; j++) {
-                    const float *k = keys + j * dim;
-                    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                    for (int64_t d = 0; d < dim; d++) dot += query[d] * k[d];
-                    dot *= scale;
-                    score[j] = dot;
-                    best = dot > best ? dot : best;
-                }
-                float total = 0.0f;
-                for (int64_t j = 0; j < length; j++) {
-                    score[j] = expf(score[j] - best);
-                    total += score[j];
-                }
-                float *o = out + (row * heads + head) * dim;
-                for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;
-                for (int64_t j = 0; j < length; j++) {
-                    const float weight = score[j];
-                    const float *v = values + j * dim;
-#pragma omp simd
-                    for (int64_t d = 0; d < dim; d++) o[d] += weight * v[d];
-                }
-                const float inverse = 1.0f / total;
-#pragma omp simd
-                for (int64_t d = 0; d < dim; d++) o[d] *= inverse;
-            }
-        }
+    /* every (sequence, key/value head) on its own: the same numbers whichever thread runs it */
+#pragma omp parallel for num_threads(threads) schedule(dynamic)
+    for (int64_t task = 0; task < sequences * kv_heads; task++) {
+        const int64_t s = task / kv_heads, g = task % kv_heads;
+        const int64_t capacity = capacities[s], row = rows[s];
+        const int64_t offset = (layer * kv_heads + g) * capacity * dim;
+        attend_group(dim, group, positions[s], scale, q + row * qk_stride + g * group * dim,
+                     k_new + row * qk_stride + g * dim, v_new + row * v_stride + g * dim,
+                     k_caches[s] + offset, v_caches[s] + offset,
+                     out + (row * heads + g * group) * dim,
+                     scores + (int64_t)omp_get_thread_num() * scores_stride);
     }
 }
+
+#if !CORTEX_FP16_GEMV
+/* Without AVX2: plain loops (the compiler vectorizes what it can). */
+static void attend_group(int64_t dim, int64_t group, int64_t position, float scale,
+                         const float *queries, const float *key, const float *value,
+                         float *keys, float *values, float *out, float *scores) {
+    const int64_t length = position + 1;
+    memcpy(keys + position * dim, key, (size_t)dim * sizeof(float));
+    memcpy(values + position * dim, value, (size_t)dim * sizeof(float));
+    for (int64_t h = 0; h < group; h++) {
+        const float *query = queries + h * dim;
+        float *score = scores + h * length;
+        float best = -INFINITY;
+        for (int64_t j = 0; j < length; j++) {
+            const float *k = keys + j * dim;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < dim; d++) dot += query[d] * k[d];
+            dot *= scale;
+            score[j] = dot;
+            best = dot > best ? dot : best;
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < length; j++) {
+            score[j] = expf(score[j] - best);
+            total += score[j];
+        }
+        float *o = out + h * dim;
+        for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;
+        for (int64_t j = 0; j < length; j++) {
+            const float weight = score[j];
+            const float *v = values + j * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; d++) o[d] += weight * v[d];
+        }
+        const float inverse = 1.0f / total;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; d++) o[d] *= inverse;
+    }
+}
+#endif
 
 /* out[r] = weight * x[r] / sqrt(mean(x[r]^2) + eps) for rows of n floats (contiguous). */
 void cortex_rms_norm(int64_t rows, int64_t n, const float *x, const float *weight, float eps,
@@ -184,5 +203,220 @@ void cortex_fp16_gemm(int64_t rows, int64_t panels, int64_t k, const float *x,
             }
         }
     }
+}
+
+/* exp(x) for eight floats: Cephes' polynomial (as in avx_mathfun), within about 2 ulp of expf;
+ * arguments below -88.38 give 0 and above 88.38 infinity. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+    x = _mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f));
+    const __m256 n = _mm256_floor_ps(
+        _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, one));
+    const __m256i power = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(power));
+}
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8)
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    float total = sum8(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* x[i] = exp(x[i] - shift) for n floats; returns their sum. */
+static float exp_shifted(float *x, int64_t n, float shift) {
+    const __m256 by = _mm256_set1_ps(shift);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), by));
+        _mm256_storeu_ps(x + i, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    if (i < n) {  /* the tail in a buffer whose other lanes give exp(-inf) = 0 */
+        float tail[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,
+                         -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        memcpy(tail, x + i, (size_t)(n - i) * sizeof(float));
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), by));
+        _mm256_storeu_ps(tail, e);
+        memcpy(x + i, tail, (size_t)(n - i) * sizeof(float));
+        sum = _mm256_add_ps(sum, e);
+    }
+    return sum8(sum);
+}
+
+static void attend_group(int64_t dim, int64_t group, int64_t position, float scale,
+                         const float *queries, const float *key, const float *value,
+                         float *keys, float *values, float *out, float *scores) {
+    const int64_t length = position + 1;
+    memcpy(keys + position * dim, key, (size_t)dim * sizeof(float));
+    memcpy(values + position * dim, value, (size_t)dim * sizeof(float));
+    for (int64_t h = 0; h < group; h++) {
+        const float *query = queries + h * dim;
+        float *score = scores + h * length;
+        float best = -INFINITY;
+        for (int64_t j = 0; j < length; j++) {
+            const float d = dot(query, keys + j * dim, dim) * scale;
+            score[j] = d;
+            best = d > best ? d : best;
+        }
+        const __m256 inverse = _mm256_set1_ps(1.0f / exp_shifted(score, length, best));
+        float *o = out + h * dim;
+        int64_t d0 = 0;
+        for (; d0 + 32 <= dim; d0 += 32) {  /* 32 outputs in registers over every position */
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t j = 0; j < length; j++) {
+                const __m256 w = _mm256_broadcast_ss(score + j);
+                const float *v = values + j * dim + d0;
+                a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), a0);
+                a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), a1);
+                a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), a2);
+                a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), a3);
+            }
+            _mm256_storeu_ps(o + d0, _mm256_mul_ps(a0, inverse));
+            _mm256_storeu_ps(o + d0 + 8, _mm256_mul_ps(a1, inverse));
+            _mm256_storeu_ps(o + d0 + 16, _mm256_mul_ps(a2, inverse));
+            _mm256_storeu_ps(o + d0 + 24, _mm256_mul_ps(a3, inverse));
+        }
+        for (; d0 + 8 <= dim; d0 += 8) {
+            __m256 a = _mm256_setzero_ps();
+            for (int64_t j = 0; j < length; j++)
+                a = _mm256_fmadd_ps(_mm256_broadcast_ss(score + j),
+                                    _mm256_loadu_ps(values + j * dim + d0), a);
+            _mm256_storeu_ps(o + d0, _mm256_mul_ps(a, inverse));
+        }
+        for (; d0 < dim; d0++) {
+            float a = 0.0f;
+            for (int64_t j = 0; j < length; j++) a += score[j] * values[j * dim + d0];
+            o[d0] = a * _mm256_cvtss_f32(inverse);
+        }
+    }
+}
+
+/* The float16 product of `rows` rows: a row at a time through the 64-wide kernel for one or
+ * two rows, six at a time otherwise (the same sums either way). out: [rows][64 * panels]. */
+static void product(int64_t rows, int64_t panels, int64_t k, const float *x,
+                    const uint16_t *weights, float *out, int64_t threads) {
+    if (rows <= 2) {
+        for (int64_t r = 0; r < rows; r++)
+            cortex_fp16_gemv(panels, k, x + r * k, weights, out + r * panels * 64, threads);
+    } else {
+        cortex_fp16_gemm(rows, panels, k, x, weights, out, threads);
+    }
+}
+
+/* out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i] for n floats. */
+static void silu_times(int64_t n, const float *gate, const float *up, float *out) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, g))));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
+    }
+    if (i < n) {
+        float g8[8] = {0}, u8[8] = {0};
+        memcpy(g8, gate + i, (size_t)(n - i) * sizeof(float));
+        memcpy(u8, up + i, (size_t)(n - i) * sizeof(float));
+        const __m256 g = _mm256_loadu_ps(g8);
+        const __m256 s = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, g))));
+        _mm256_storeu_ps(g8, _mm256_mul_ps(s, _mm256_loadu_ps(u8)));
+        memcpy(out + i, g8, (size_t)(n - i) * sizeof(float));
+    }
+}
+
+/* One decoder layer's weights (float16 panels of cortex_fp16_gemv) and shape. */
+typedef struct {
+    int64_t hidden, heads, kv_heads, dim, intermediate;
+    int64_t qkv_panels, o_panels, gate_up_panels, down_panels;
+    double eps;
+    const float *input_norm, *post_norm; /* [hidden] */
+    const float *q_norm, *k_norm;        /* [dim], NULL without per-head norms (Qwen3 has them) */
+    const float *qkv_bias;               /* [(heads + 2 kv_heads) dim], NULL without (Qwen2) */
+    const uint16_t *qkv, *o, *gate_up, *down;
+} cortex_layer;
+
+/* Rotate-half RoPE of one head in place: x cos + (-x2, x1) sin, with the sine's first half
+ * negated in the table (signed_sin). */
+static inline void rope(float *x, int64_t dim, const float *cos, const float *signed_sin) {
+    const int64_t half = dim / 2;
+    for (int64_t d = 0; d < half; d++) {
+        const float a = x[d], b = x[d + half];
+        x[d] = a * cos[d] + b * signed_sin[d];
+        x[d + half] = b * cos[d + half] + a * signed_sin[d + half];
+    }
+}
+
+/* The layer up to attention, for `rows` rows of x ([rows][hidden]): the input norm, the q, k, v
+ * product (and bias), Qwen3's per-head norms and RoPE of q and k (cos and signed_sin:
+ * [rows][dim]). qkv: [rows][64 * qkv_panels], q heads, then k, then v. normed: scratch,
+ * [rows][hidden]. Every row alone: its numbers do not depend on the others. */
+void cortex_layer_attention_in(const cortex_layer *layer, int64_t rows, const float *x,
+                               const float *cos, const float *signed_sin, float *normed,
+                               float *qkv, int64_t threads) {
+    const int64_t dim = layer->dim, width = 64 * layer->qkv_panels;
+    const int64_t rotated = layer->heads + layer->kv_heads;
+    const int64_t outputs = (rotated + layer->kv_heads) * dim;
+    cortex_rms_norm(rows, layer->hidden, x, layer->input_norm, (float)layer->eps, normed);
+    product(rows, layer->qkv_panels, layer->hidden, normed, layer->qkv, qkv, threads);
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = qkv + r * width;
+        if (layer->qkv_bias != NULL)
+            for (int64_t i = 0; i < outputs; i++) row[i] += layer->qkv_bias[i];
+        if (layer->q_norm != NULL && layer->k_norm != NULL) {
+            cortex_rms_norm(layer->heads, dim, row, layer->q_norm, (float)layer->eps, row);
+            cortex_rms_norm(layer->kv_heads, dim, row + layer->heads * dim, layer->k_norm,
+                            (float)layer->eps, row + layer->heads * dim);
+        }
+        for (int64_t h = 0; h < rotated; h++)
+            rope(row + h * dim, dim, cos + r * dim, signed_sin + r * dim);
+    }
+}
+
+/* The layer from attention on, in place on x ([rows][hidden]): x += attended Wo, then
+ * x += down(silu(gate(n)) * up(n)) with n the post-attention norm of x. attended:
+ * [rows][heads * dim]. Scratch: normed [rows][hidden], wide [rows][64 * max(o, gate_up, down
+ * panels)], act [rows][intermediate]. Every row alone. */
+void cortex_layer_attention_out(const cortex_layer *layer, int64_t rows, float *x,
+                                const float *attended, float *normed, float *wide, float *act,
+                                int64_t threads) {
+    const int64_t hidden = layer->hidden, inner = layer->intermediate;
+    const int64_t o_width = 64 * layer->o_panels, up_width = 64 * layer->gate_up_panels;
+    const int64_t down_width = 64 * layer->down_panels;
+    product(rows, layer->o_panels, layer->heads * layer->dim, attended, layer->o, wide, threads);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < hidden; i++) x[r * hidden + i] += wide[r * o_width + i];
+    cortex_rms_norm(rows, hidden, x, layer->post_norm, (float)layer->eps, normed);
+    product(rows, layer->gate_up_panels, hidden, normed, layer->gate_up, wide, threads);
+    for (int64_t r = 0; r < rows; r++)
+        silu_times(inner, wide + r * up_width, wide + r * up_width + inner, act + r * inner);
+    product(rows, layer->down_panels, inner, act, layer->down, wide, threads);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < hidden; i++) x[r * hidden + i] += wide[r * down_width + i];
 }
 #endif

@@ -25,7 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuron.engines.torch_cpu_kernels import CpuKernels, DecodeAttention, DecodePlan, RmsNorm
+from neuron.engines.torch_cpu_kernels import (
+    CpuKernels,
+    DecodeAttention,
+    DecodePlan,
+    LayerScratch,
+    LayerWeights,
+    NativeLayer,
+    PanelledLinear,
+    RmsNorm,
+)
 from neuron.engines.torch_threads import ThreadSplit
 from neuron.errors import UnsupportedArchitectureError
 
@@ -163,7 +172,7 @@ class StepViews:
     """
 
     def __init__(self, caches: Sequence[KVCache], counts: Sequence[int],
-                 kernel: DecodeAttention | None, group: int) -> None:
+                 kernel: DecodeAttention | None, group: int, threads: int) -> None:
         self.starts = [cache.length for cache in caches]
         self.counts = list(counts)
         self.offsets = [0, *accumulate(counts)][:-1]
@@ -173,7 +182,7 @@ class StepViews:
             self.native = kernel.plan([self.offsets[i] for i in decoding],
                                       [caches[i].k for i in decoding],
                                       [caches[i].v for i in decoding],
-                                      [self.starts[i] for i in decoding], group)
+                                      [self.starts[i] for i in decoding], group, threads)
         self.torch_entries = [i for i, n in enumerate(counts) if self.native is None or n != 1]
         new_k, new_v, keys, values = [], [], [], []
         for i in self.torch_entries:
@@ -294,14 +303,26 @@ class Attention(nn.Module):
         views: StepViews,
     ) -> torch.Tensor:
         """Attend ``x`` (``[tokens, hidden]``, the sequences' new tokens back to back)."""
-        n = x.shape[0]
         heads = self.num_heads
-        qkv = self.threads.run(self.qkv_proj, x).view(n, heads + 2 * self.num_kv_heads,
-                                                      self.head_dim)
-        qk, v = qkv[:, : heads + self.num_kv_heads], qkv[:, heads + self.num_kv_heads :]
+        qk, v = self.split(self.threads.run(self.qkv_proj, x))
         if self.q_norm is not None and self.k_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
         qk = _apply_rope(qk, cos, sin)  # q and k rotate alike: one pass over both
+        return self.threads.run(self.o_proj, self.attend(qk, v, views))
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[tokens, (heads + 2 kv_heads) head_dim]`` as ``(qk, v)``: ``[tokens, heads +
+        kv_heads, head_dim]`` and ``[tokens, kv_heads, head_dim]`` (views)."""
+        heads = self.num_heads + self.num_kv_heads
+        per_head = qkv.view(qkv.shape[0], heads + self.num_kv_heads, self.head_dim)
+        return per_head[:, :heads], per_head[:, heads:]
+
+    def attend(self, qk: torch.Tensor, v: torch.Tensor, views: StepViews) -> torch.Tensor:
+        """Attention of the rotated queries and keys ``qk`` and values ``v`` (`split`'s
+        shapes); appends the keys and values to the caches. ``[tokens, heads * head_dim]``,
+        contiguous."""
+        n = qk.shape[0]
+        heads = self.num_heads
         layer = self.layer_index
         outputs: list[torch.Tensor] = []
         entries = views.torch_entries
@@ -328,7 +349,7 @@ class Attention(nn.Module):
             for i, part in zip(entries, outputs, strict=True):
                 out[views.offsets[i] : views.offsets[i] + views.counts[i]] = part[0].transpose(0, 1)
             heads_last = out.view(n, -1)
-        return self.threads.run(self.o_proj, heads_last)
+        return heads_last.contiguous()
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int,
@@ -370,6 +391,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer_index, threads)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, threads)
+        self.native: NativeLayer | None = None
+        """Everything but attention in the CPU kernels, where the engine set them up
+        (`DecoderModel.use_cpu_kernels`)."""
 
     def forward(
         self,
@@ -377,10 +401,39 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         views: StepViews,
+        scratch: LayerScratch | None = None,
     ) -> torch.Tensor:
+        """The block on ``x`` (``[tokens, hidden]``); with `native` and a ``scratch``, in place."""
+        if self.native is not None and scratch is not None:
+            qk, v = self.self_attn.split(self.native.attention_in(x, scratch))
+            self.native.attention_out(x, self.self_attn.attend(qk, v, views), scratch)
+            return x
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, views)
         out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
         return out
+
+    def native_weights(self) -> LayerWeights | None:
+        """The layer as `NativeLayer` reads it; None where a linear layer does not keep
+        float16 panels (other weight kinds, or no CPU kernels) or a bias the kernels lack."""
+        attention, mlp = self.self_attn, self.mlp
+        parts = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        panels = [part.panels if isinstance(part, PanelledLinear) else None for part in parts]
+        qkv, o, gate_up, down = panels
+        if qkv is None or o is None or gate_up is None or down is None:
+            return None
+        if any(isinstance(part, PanelledLinear) and part.bias_values is not None
+               for part in parts[1:]):
+            return None
+        qkv_proj = parts[0]
+        assert isinstance(qkv_proj, PanelledLinear)
+        return LayerWeights(
+            heads=attention.num_heads, kv_heads=attention.num_kv_heads,
+            head_dim=attention.head_dim, eps=self.input_layernorm.eps,
+            input_norm=self.input_layernorm.weight.detach(),
+            post_norm=self.post_attention_layernorm.weight.detach(),
+            q_norm=None if attention.q_norm is None else attention.q_norm.weight.detach(),
+            k_norm=None if attention.k_norm is None else attention.k_norm.weight.detach(),
+            qkv_bias=qkv_proj.bias_values, qkv=qkv, o=o, gate_up=gate_up, down=down)
 
 
 class DecoderModel(nn.Module):
@@ -407,12 +460,22 @@ class DecoderModel(nn.Module):
         """The CPU decode kernel, where the engine built one (float32 CPU caches only)."""
 
     def use_cpu_kernels(self, kernels: CpuKernels) -> None:
-        """Run decode attention and the float32 norms in the CPU kernels (the float16 linear
-        layers take theirs in `neuron.engines.torch_quant.quantize`)."""
+        """Run decode attention and the float32 norms in the CPU kernels, and, where every
+        layer keeps float16 panels (after `neuron.engines.torch_quant.quantize` with the
+        kernels' `Fp16Gemv`), the rest of each layer too (`NativeLayer`)."""
         self.decode_attention = kernels.decode_attention
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.kernel = kernels.rms_norm
+        weights = [layer.native_weights() for layer in self._decoder_layers()]
+        natives = [None if w is None else kernels.native_layer(w, self.threads.matmul)
+                   for w in weights]
+        if all(native is not None for native in natives):  # all or none: one path per pass
+            for layer, native in zip(self._decoder_layers(), natives, strict=True):
+                layer.native = native
+
+    def _decoder_layers(self) -> list[DecoderLayer]:
+        return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head (``tie_word_embeddings``)."""
@@ -459,9 +522,12 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self._rope_tables(positions, x.dtype)
         views = StepViews(caches, counts, self.decode_attention,
-                          self.config.num_heads // self.config.num_kv_heads)
-        for layer in self.layers:
-            x = layer(x, cos, sin, views)
+                          self.config.num_heads // self.config.num_kv_heads, self.threads.matmul)
+        layers = self._decoder_layers()
+        native = layers[0].native if layers else None
+        scratch = None if native is None else native.scratch(x.shape[0], cos, sin)
+        for layer in layers:
+            x = layer(x, cos, sin, views, scratch)
         for cache, count in zip(caches, counts, strict=True):
             cache.length += count
         if not all_logits:

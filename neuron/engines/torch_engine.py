@@ -227,14 +227,14 @@ class TorchEngine:
             model.threads.configure(self.matmul_threads)
             if self.native_kernels and self.dtype == torch.float32:
                 kernels = load_cpu_kernels()
-                if kernels is not None:
-                    model.use_cpu_kernels(kernels)
         info = _model_info(files, model, self.device, self.dtype)
         if self.weights is not None:
             progress(0.99, f"converting the linear weights to {self.weights}")
             gemv = None if kernels is None else kernels.fp16_gemv
             info = dataclasses.replace(info, memory_bytes=quantize(model, self.weights, gemv),
                                        dtype=f"{self.weights} (float32 activations)")
+        if kernels is not None:  # after quantize: whole layers need the float16 panels
+            model.use_cpu_kernels(kernels)
         logger.info(
             "loaded %s (%s, %s, %.1fM parameters, %.0f MiB, %s on %s) in %.2f s",
             files.model_id,

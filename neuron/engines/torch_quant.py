@@ -227,6 +227,16 @@ class Fp16Linear(nn.Module):
         """Whether calls run the `Fp16Gemv` kernel rather than fbgemm."""
         return self._panels is not None
 
+    @property
+    def panels(self) -> torch.Tensor | None:
+        """The weights as the `Fp16Gemv` kernel's panels; None on fbgemm."""
+        return self._panels
+
+    @property
+    def bias_values(self) -> torch.Tensor | None:
+        """The float32 bias, if any."""
+        return self._bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
         if self._gemv is not None and self._panels is not None:

@@ -21,6 +21,10 @@ instead: waking them made a product from a step loop thread twice as slow (measu
 models that both run steps on one CPU neuron have two pools and meet the same slowdown; one
 model per CPU neuron is the fast case.
 
+The CPU kernels (`neuron.engines.torch_cpu_kernels`) take the same split: their products and
+the decoding sequences' attention on `matmul` threads, their norms, RoPE and SiLU on the calling
+thread.
+
 `matmul` does not change any result: the kernels split a product by output columns, and each
 column's sum runs in the same order whatever the thread count (tested).
 """

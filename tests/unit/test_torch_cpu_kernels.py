@@ -17,12 +17,19 @@ from neuron.engines.torch_cpu_kernels import (
     SOURCE,
     CpuKernels,
     Fp16Gemv,
+    NativeLayer,
     build_cpu_kernels,
     load_cpu_kernels,
 )
-from neuron.engines.torch_decoder import DecoderModel, KVCache, RMSNorm
+from neuron.engines.torch_decoder import (
+    DecoderConfig,
+    DecoderLayer,
+    DecoderModel,
+    KVCache,
+    RMSNorm,
+)
 from neuron.engines.torch_engine import TorchEngine, TorchModel
-from neuron.engines.torch_quant import Fp16Linear, fbgemm_fp16_available
+from neuron.engines.torch_quant import Fp16Linear, fbgemm_fp16_available, quantize
 from tests.support.tiny_models import TinyModel, build_tiny_llama
 
 
@@ -195,8 +202,11 @@ def test_the_engine_gives_float16_layers_the_kernel(tiny: TinyModel) -> None:
         # one copy of the weights either way (the kernel's panels pad outputs to 64)
         assert 0 <= with_kernel.info.memory_bytes - without.info.memory_bytes < 0.05 * (
             without.info.memory_bytes)
-        # the same attention and norms on both sides: only the products differ in kernel
+        # whole layers in the kernels only where the products are: the same numbers to
+        # float32 rounding (the kernels' SiLU and RoPE round differently from torch's)
         without.decoder.use_cpu_kernels(_kernels())
+        assert all(layer.native is not None for layer in with_kernel.decoder.layers)
+        assert all(layer.native is None for layer in without.decoder.layers)
         prompt = torch.arange(3, 30)
         with torch.inference_mode():
             logits = []
@@ -204,7 +214,8 @@ def test_the_engine_gives_float16_layers_the_kernel(tiny: TinyModel) -> None:
                 cache = model.decoder.new_cache(64)
                 first = model.decoder(prompt, [cache], [len(prompt)])
                 logits.append(model.decoder(first.argmax(-1), [cache], [1]))
-        assert torch.equal(logits[0], logits[1])
+        assert torch.allclose(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+        assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
     finally:
         with_kernel.close()
         without.close()
@@ -228,8 +239,10 @@ def test_the_norm_kernel_gives_the_formulas_numbers_row_by_row(model: TorchModel
                                                              + 1e-6)), rtol=1e-5, atol=1e-6)
 
 
-def test_without_avx2_the_library_builds_without_the_float16_kernels(tmp_path: Path) -> None:
-    """A CPU without AVX2, F16C or FMA still gets the attention and norm kernels."""
+def test_without_avx2_the_library_builds_without_the_float16_kernels(
+        tmp_path: Path, model: TorchModel) -> None:
+    """A CPU without AVX2, F16C or FMA still gets the attention and norm kernels (plain
+    loops), and no whole layers."""
     library = tmp_path / "baseline.so"
     flags = [flag for flag in FLAGS if flag != "-march=native"]
     subprocess.run([_kernel_compiler(), *flags, "-march=x86-64", "-o", str(library), str(SOURCE),
@@ -239,3 +252,87 @@ def test_without_avx2_the_library_builds_without_the_float16_kernels(tmp_path: P
     x, weight = torch.randn(2, 64), torch.rand(64)
     assert torch.allclose(kernels.rms_norm(x, weight, 1e-6), _kernels().rms_norm(x, weight, 1e-6),
                           rtol=1e-5, atol=1e-6)
+    layer = _random_decoder(attention_bias=False, qk_norm=False).layers[0]
+    assert isinstance(layer, DecoderLayer)
+    weights = layer.native_weights()
+    assert weights is not None and kernels.native_layer(weights, 1) is None
+    decoder = model.decoder
+    prompts = [[5, 9, 2, 7, 7, 3], [4, 4, 1], [8, 2, 6, 1, 3]]
+    vectorized = _steps(decoder, prompts, 6)
+    decoder.decode_attention = kernels.decode_attention
+    try:
+        plain = _steps(decoder, prompts, 6)
+    finally:
+        decoder.decode_attention = _kernels().decode_attention
+    for ours, theirs in zip(plain, vectorized, strict=True):
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def _random_decoder(*, attention_bias: bool, qk_norm: bool) -> DecoderModel:
+    """A small decoder with random weights, its linear layers as the kernel's float16 panels
+    (the engine's CPU default), then the CPU kernels: every layer runs in them."""
+    config = DecoderConfig(architecture="qwen3" if qk_norm else "qwen2" if attention_bias
+                           else "llama", vocab_size=300, hidden_size=96, intermediate_size=200,
+                           num_layers=3, num_heads=6, num_kv_heads=2, head_dim=16,
+                           context_length=128, attention_bias=attention_bias, qk_norm=qk_norm)
+    torch.manual_seed(5)
+    decoder = DecoderModel(config)
+    with torch.no_grad():
+        for name, parameter in decoder.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.copy_(1 + 0.1 * torch.randn_like(parameter))
+            else:
+                parameter.copy_(torch.randn_like(parameter) / parameter.shape[-1] ** 0.5)
+    decoder.requires_grad_(False)
+    quantize(decoder, "fp16", _gemv())
+    decoder.use_cpu_kernels(_kernels())
+    return decoder
+
+
+@pytest.mark.parametrize(("attention_bias", "qk_norm"), [(False, False), (True, False),
+                                                         (False, True)])
+def test_whole_layers_in_the_kernels_give_torchs_numbers(attention_bias: bool,
+                                                         qk_norm: bool) -> None:
+    """Llama, Qwen2's q/k/v biases and Qwen3's head norms: the same logits as the layers
+    through torch (same products, torch's norms, RoPE, SiLU and adds) over prefill, mixed and
+    decode steps, and each sequence the same numbers alone as in the batch."""
+    if not fbgemm_fp16_available():
+        pytest.skip("this torch build has no fbgemm")
+    decoder = _random_decoder(attention_bias=attention_bias, qk_norm=qk_norm)
+    layers = [layer for layer in decoder.layers if isinstance(layer, DecoderLayer)]
+    natives = [layer.native for layer in layers]
+    assert all(native is not None for native in natives)
+    prompts = [[5, 9, 2, 7, 7, 3], [4, 4, 1], [8, 2, 6, 1, 3], [11, 3]]
+    in_kernels = _steps(decoder, prompts, 10)
+    for layer in layers:
+        layer.native = None
+    try:
+        through_torch = _steps(decoder, prompts, 10)
+    finally:
+        for layer, native in zip(layers, natives, strict=True):
+            layer.native = native
+    for ours, theirs in zip(in_kernels, through_torch, strict=True):
+        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():  # alone: the same numbers as in the batch, bit for bit
+        for index, prompt in enumerate(prompts):
+            cache = decoder.new_cache(64)
+            logits = decoder(torch.tensor(prompt), [cache], [len(prompt)])
+            for _ in range(10 if index == 0 else 11):  # the first joined the batch a step late
+                logits = decoder(logits.argmax(-1), [cache], [1])
+            assert torch.equal(logits[0], in_kernels[-1][index]), index
+
+
+def test_a_layer_refuses_rows_that_do_not_fit_it() -> None:
+    if not fbgemm_fp16_available():
+        pytest.skip("this torch build has no fbgemm")
+    decoder = _random_decoder(attention_bias=False, qk_norm=False)
+    native = decoder.layers[0].native
+    assert isinstance(native, NativeLayer)
+    cos = sin = torch.zeros(2, 1, 16)
+    scratch = native.scratch(2, cos, sin)
+    with pytest.raises(ValueError, match="disagree"):
+        native.attention_in(torch.zeros(3, 96), scratch)
+    with pytest.raises(ValueError, match="disagree"):
+        native.attention_out(torch.zeros(2, 96), torch.zeros(2, 95), scratch)
+    with pytest.raises(ValueError, match="RoPE"):
+        native.scratch(3, cos, sin)
