@@ -121,27 +121,30 @@ void cortex_rms_norm(int64_t rows, int64_t n, const float *x, const float *weigh
 int cortex_has_fp16_gemv(void) { return CORTEX_FP16_GEMV; }
 
 #if CORTEX_FP16_GEMV
-/* out[o] = x . w[o] for o < 64 * panels; w as float16 panels of 64 outputs, [panels][k][64].
+/* out[o] = x . w[o] for o < 64 * panels; w as float16 panels of 64 outputs, each four strips of
+ * 16 outputs one after another: [panels][4][k][16] (each strip one stream through memory).
  * The panels are shared out over `threads` OpenMP threads (torch's libgomp, the calling thread's
  * pool); each panel's sums are the same whoever computes it. */
 void cortex_fp16_gemv(int64_t panels, int64_t k, const float *x, const uint16_t *weights,
                       float *out, int64_t threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t p = 0; p < panels; p++) {
-        const uint16_t *w = weights + p * k * 64;
+        const uint16_t *w0 = weights + p * k * 64, *w1 = w0 + 16 * k, *w2 = w1 + 16 * k,
+                       *w3 = w2 + 16 * k;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
                a7 = a0;
         for (int64_t i = 0; i < k; i++) {
             const __m256 xi = _mm256_set1_ps(x[i]);
-            const __m128i *row = (const __m128i *)(w + i * 64);
-            a0 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(row + 0)), a0);
-            a1 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(row + 1)), a1);
-            a2 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(row + 2)), a2);
-            a3 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(row + 3)), a3);
-            a4 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(row + 4)), a4);
-            a5 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(row + 5)), a5);
-            a6 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(row + 6)), a6);
-            a7 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(row + 7)), a7);
+            const __m128i *s0 = (const __m128i *)(w0 + i * 16), *s1 = (const __m128i *)(w1 + i * 16),
+                          *s2 = (const __m128i *)(w2 + i * 16), *s3 = (const __m128i *)(w3 + i * 16);
+            a0 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s0)), a0);
+            a1 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s0 + 1)), a1);
+            a2 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s1)), a2);
+            a3 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s1 + 1)), a3);
+            a4 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s2)), a4);
+            a5 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s2 + 1)), a5);
+            a6 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s3)), a6);
+            a7 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s3 + 1)), a7);
         }
         float *o = out + p * 64;
         _mm256_storeu_ps(o + 0, a0);
@@ -155,7 +158,7 @@ void cortex_fp16_gemv(int64_t panels, int64_t k, const float *x, const uint16_t 
     }
 }
 
-/* Rows [0, R) of x times 16 outputs of a panel (w: the panel's first weight of them), into out:
+/* Rows [0, R) of x times one strip of 16 outputs (w: its first weight), into out:
  * one chain of fused multiply-adds per output and row, as in cortex_fp16_gemv. */
 static inline __attribute__((always_inline)) void rows_times_16(
     const int R, int64_t k, const float *x, const uint16_t *w, float *out, int64_t out_stride) {
@@ -165,8 +168,8 @@ static inline __attribute__((always_inline)) void rows_times_16(
         acc[r][1] = _mm256_setzero_ps();
     }
     for (int64_t i = 0; i < k; i++) {
-        const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i * 64)));
-        const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i * 64 + 8)));
+        const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i * 16)));
+        const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i * 16 + 8)));
         for (int r = 0; r < R; r++) {
             const __m256 xr = _mm256_broadcast_ss(x + r * k + i);
             acc[r][0] = _mm256_fmadd_ps(xr, w0, acc[r][0]);
@@ -188,7 +191,7 @@ void cortex_fp16_gemm(int64_t rows, int64_t panels, int64_t k, const float *x,
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t p = 0; p < panels; p++) {
         for (int64_t sub = 0; sub < 4; sub++) {
-            const uint16_t *w = weights + p * k * 64 + sub * 16;
+            const uint16_t *w = weights + (p * 4 + sub) * k * 16;
             for (int64_t first = 0; first < rows; first += 6) {
                 const float *xr = x + first * k;
                 float *o = out + first * n + p * 64 + sub * 16;

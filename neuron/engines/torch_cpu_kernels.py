@@ -65,6 +65,8 @@ logger = logging.getLogger(__name__)
 SOURCE: Final = Path(__file__).with_suffix(".c")
 #: Outputs per float16 weight panel (`Fp16Gemv`).
 PANEL: Final = 64
+#: Outputs per strip of a panel: a panel is `PANEL` // `STRIP` strips, one after another.
+STRIP: Final = 16
 FLAGS: Final = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 _BUILD_TIMEOUT_S: Final = 120
 _I64 = ctypes.c_int64
@@ -139,13 +141,14 @@ class Fp16Gemv:
         outputs included), on torch's current thread count (the calling thread's,
         `neuron.engines.torch_threads`). One or two rows go a row at a time through the
         64-wide kernel, which reads the weights fastest; more go six at a time."""
-        count, in_features, width = panels.shape
+        count, strips, in_features, width = panels.shape
         rows = x.shape[0]
         if (x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features
-                or panels.dtype != torch.half or not panels.is_contiguous() or width != PANEL):
+                or panels.dtype != torch.half or not panels.is_contiguous()
+                or (strips, width) != (PANEL // STRIP, STRIP)):
             raise ValueError("x and the panels disagree")
         x = x.contiguous()
-        out = x.new_empty((rows, count * width))
+        out = x.new_empty((rows, count * PANEL))
         threads = torch.get_num_threads()
         if rows <= 2:
             for row in range(rows):
@@ -159,11 +162,15 @@ class Fp16Gemv:
     @staticmethod
     def panels(weight: torch.Tensor) -> torch.Tensor:
         """``weight`` (``[out, in]``, float16 values) as the kernel reads it: panels of
-        `PANEL` outputs, ``[panels, in, PANEL]`` float16 (outputs padded with zeros)."""
+        `PANEL` outputs, each `STRIP`-output strips one after another, ``[panels, PANEL /
+        STRIP, in, STRIP]`` float16 (outputs padded with zeros). A strip is one stream of
+        memory for the kernels (a whole panel row-major, ``[in, PANEL]``, made them skip
+        through memory: 13.5 against 19 GB/s for one row on one core, 49 against 63 GFLOP/s
+        for 16 rows)."""
         out_features, in_features = weight.shape
         padded = -out_features % PANEL
         half = torch.cat((weight.half(), weight.new_zeros(padded, in_features, dtype=torch.half)))
-        return half.view(-1, PANEL, in_features).transpose(1, 2).contiguous()
+        return half.view(-1, PANEL // STRIP, STRIP, in_features).transpose(2, 3).contiguous()
 
 
 class DecodeAttention:
@@ -304,12 +311,13 @@ class NativeLayer:
         hidden = weights.input_norm.shape[0]
         dim = weights.head_dim
         for tensor in (weights.qkv, weights.o, weights.gate_up, weights.down):
-            if tensor.dtype != torch.half or not tensor.is_contiguous() or tensor.shape[2] != PANEL:
+            if (tensor.dtype != torch.half or not tensor.is_contiguous() or tensor.dim() != 4
+                    or tuple(tensor.shape[1::2]) != (PANEL // STRIP, STRIP)):
                 raise ValueError("the layer's products must be float16 panels")
-        inner = weights.down.shape[1]
+        inner = weights.down.shape[2]
         qkv_outputs = (weights.heads + 2 * weights.kv_heads) * dim
-        if (weights.qkv.shape[1] != hidden or weights.o.shape[1] != weights.heads * dim
-                or weights.gate_up.shape[1] != hidden
+        if (weights.qkv.shape[2] != hidden or weights.o.shape[2] != weights.heads * dim
+                or weights.gate_up.shape[2] != hidden
                 or PANEL * weights.qkv.shape[0] < qkv_outputs
                 or PANEL * weights.o.shape[0] < hidden or PANEL * weights.down.shape[0] < hidden
                 or PANEL * weights.gate_up.shape[0] < 2 * inner or dim % 2):
