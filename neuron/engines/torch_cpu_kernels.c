@@ -26,11 +26,11 @@
 #define CORTEX_FP16_GEMV 0
 #endif
 
-/* One sequence's new token at one key/value head: write its key and value at `position`, then
- * attend the `group` query heads that share them (queries and out: `group` heads of `dim`). */
-static void attend_group(int64_t dim, int64_t group, int64_t position, float scale,
-                         const float *queries, const float *key, const float *value,
-                         float *keys, float *values, float *out, float *scores);
+/* One sequence's new token at one key/value head: attend the `group` query heads that share it
+ * (queries and out: `group` heads of `dim`) to the first `length` cached keys and values. */
+static void attend_group(int64_t dim, int64_t group, int64_t length, float scale,
+                         const float *queries, const float *keys, const float *values,
+                         float *out, float *scores);
 
 void cortex_decode_attention(
     int64_t sequences, int64_t heads, int64_t kv_heads, int64_t dim, int64_t layer, float scale,
@@ -51,54 +51,50 @@ void cortex_decode_attention(
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
     for (int64_t task = 0; task < sequences * kv_heads; task++) {
         const int64_t s = task / kv_heads, g = task % kv_heads;
-        const int64_t capacity = capacities[s], row = rows[s];
+        const int64_t capacity = capacities[s], row = rows[s], position = positions[s];
         const int64_t offset = (layer * kv_heads + g) * capacity * dim;
-        attend_group(dim, group, positions[s], scale, q + row * qk_stride + g * group * dim,
-                     k_new + row * qk_stride + g * dim, v_new + row * v_stride + g * dim,
-                     k_caches[s] + offset, v_caches[s] + offset,
-                     out + (row * heads + g * group) * dim,
+        float *keys = k_caches[s] + offset, *values = v_caches[s] + offset;
+        memcpy(keys + position * dim, k_new + row * qk_stride + g * dim,
+               (size_t)dim * sizeof(float));
+        memcpy(values + position * dim, v_new + row * v_stride + g * dim,
+               (size_t)dim * sizeof(float));
+        attend_group(dim, group, position + 1, scale, q + row * qk_stride + g * group * dim,
+                     keys, values, out + (row * heads + g * group) * dim,
                      scores + (int64_t)omp_get_thread_num() * scores_stride);
     }
 }
 
 #if !CORTEX_FP16_GEMV
-/* Without AVX2: plain loops (the compiler vectorizes what it can). */
-static void attend_group(int64_t dim, int64_t group, int64_t position, float scale,
-                         const float *queries, const float *key, const float *value,
-                         float *keys, float *values, float *out, float *scores) {
-    const int64_t length = position + 1;
-    memcpy(keys + position * dim, key, (size_t)dim * sizeof(float));
-    memcpy(values + position * dim, value, (size_t)dim * sizeof(float));
-    for (int64_t h = 0; h < group; h++) {
-        const float *query = queries + h * dim;
-        float *score = scores + h * length;
-        float best = -INFINITY;
-        for (int64_t j = 0; j < length; j++) {
-            const float *k = keys + j * dim;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; d++) dot += query[d] * k[d];
-            dot *= scale;
-            score[j] = dot;
-            best = dot > best ? dot : best;
-        }
-        float total = 0.0f;
-        for (int64_t j = 0; j < length; j++) {
-            score[j] = expf(score[j] - best);
-            total += score[j];
-        }
-        float *o = out + h * dim;
-        for (int64_t d = 0; d < dim; d++) o[d] = 0.0f;
-        for (int64_t j = 0; j < length; j++) {
-            const float weight = score[j];
-            const float *v = values + j * dim;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; d++) o[d] += weight * v[d];
-        }
-        const float inverse = 1.0f / total;
-#pragma omp simd
-        for (int64_t d = 0; d < dim; d++) o[d] *= inverse;
+/* attend_group's steps without AVX2: plain loops (the compiler vectorizes what it can). */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* x[i] = exp(x[i] - shift) for n floats; returns their sum. */
+static float exp_shifted(float *x, int64_t n, float shift) {
+    float total = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        x[i] = expf(x[i] - shift);
+        total += x[i];
     }
+    return total;
+}
+
+/* out = scale * sum over j < length of weights[j] * values[j] (values: rows of dim). */
+static void weighted_sum(int64_t dim, int64_t length, const float *weights, const float *values,
+                         float scale, float *out) {
+    for (int64_t d = 0; d < dim; d++) out[d] = 0.0f;
+    for (int64_t j = 0; j < length; j++) {
+        const float weight = weights[j];
+        const float *v = values + j * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; d++) out[d] += weight * v[d];
+    }
+#pragma omp simd
+    for (int64_t d = 0; d < dim; d++) out[d] *= scale;
 }
 #endif
 
@@ -273,51 +269,37 @@ static float exp_shifted(float *x, int64_t n, float shift) {
     return sum8(sum);
 }
 
-static void attend_group(int64_t dim, int64_t group, int64_t position, float scale,
-                         const float *queries, const float *key, const float *value,
-                         float *keys, float *values, float *out, float *scores) {
-    const int64_t length = position + 1;
-    memcpy(keys + position * dim, key, (size_t)dim * sizeof(float));
-    memcpy(values + position * dim, value, (size_t)dim * sizeof(float));
-    for (int64_t h = 0; h < group; h++) {
-        const float *query = queries + h * dim;
-        float *score = scores + h * length;
-        float best = -INFINITY;
+/* out = scale * sum over j < length of weights[j] * values[j] (values: rows of dim). */
+static void weighted_sum(int64_t dim, int64_t length, const float *weights, const float *values,
+                         float scale, float *out) {
+    const __m256 by = _mm256_set1_ps(scale);
+    int64_t d0 = 0;
+    for (; d0 + 32 <= dim; d0 += 32) {  /* 32 outputs in registers over every position */
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t j = 0; j < length; j++) {
-            const float d = dot(query, keys + j * dim, dim) * scale;
-            score[j] = d;
-            best = d > best ? d : best;
+            const __m256 w = _mm256_broadcast_ss(weights + j);
+            const float *v = values + j * dim + d0;
+            a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), a0);
+            a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), a1);
+            a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), a2);
+            a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), a3);
         }
-        const __m256 inverse = _mm256_set1_ps(1.0f / exp_shifted(score, length, best));
-        float *o = out + h * dim;
-        int64_t d0 = 0;
-        for (; d0 + 32 <= dim; d0 += 32) {  /* 32 outputs in registers over every position */
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t j = 0; j < length; j++) {
-                const __m256 w = _mm256_broadcast_ss(score + j);
-                const float *v = values + j * dim + d0;
-                a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), a0);
-                a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), a1);
-                a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), a2);
-                a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), a3);
-            }
-            _mm256_storeu_ps(o + d0, _mm256_mul_ps(a0, inverse));
-            _mm256_storeu_ps(o + d0 + 8, _mm256_mul_ps(a1, inverse));
-            _mm256_storeu_ps(o + d0 + 16, _mm256_mul_ps(a2, inverse));
-            _mm256_storeu_ps(o + d0 + 24, _mm256_mul_ps(a3, inverse));
-        }
-        for (; d0 + 8 <= dim; d0 += 8) {
-            __m256 a = _mm256_setzero_ps();
-            for (int64_t j = 0; j < length; j++)
-                a = _mm256_fmadd_ps(_mm256_broadcast_ss(score + j),
-                                    _mm256_loadu_ps(values + j * dim + d0), a);
-            _mm256_storeu_ps(o + d0, _mm256_mul_ps(a, inverse));
-        }
-        for (; d0 < dim; d0++) {
-            float a = 0.0f;
-            for (int64_t j = 0; j < length; j++) a += score[j] * values[j * dim + d0];
-            o[d0] = a * _mm256_cvtss_f32(inverse);
-        }
+        _mm256_storeu_ps(out + d0, _mm256_mul_ps(a0, by));
+        _mm256_storeu_ps(out + d0 + 8, _mm256_mul_ps(a1, by));
+        _mm256_storeu_ps(out + d0 + 16, _mm256_mul_ps(a2, by));
+        _mm256_storeu_ps(out + d0 + 24, _mm256_mul_ps(a3, by));
+    }
+    for (; d0 + 8 <= dim; d0 += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t j = 0; j < length; j++)
+            a = _mm256_fmadd_ps(_mm256_broadcast_ss(weights + j),
+                                _mm256_loadu_ps(values + j * dim + d0), a);
+        _mm256_storeu_ps(out + d0, _mm256_mul_ps(a, by));
+    }
+    for (; d0 < dim; d0++) {
+        float a = 0.0f;
+        for (int64_t j = 0; j < length; j++) a += weights[j] * values[j * dim + d0];
+        out[d0] = a * scale;
     }
 }
 
@@ -423,3 +405,20 @@ void cortex_layer_attention_out(const cortex_layer *layer, int64_t rows, float *
         for (int64_t i = 0; i < hidden; i++) x[r * hidden + i] += wide[r * down_width + i];
 }
 #endif
+
+static void attend_group(int64_t dim, int64_t group, int64_t length, float scale,
+                         const float *queries, const float *keys, const float *values,
+                         float *out, float *scores) {
+    for (int64_t h = 0; h < group; h++) {
+        const float *query = queries + h * dim;
+        float *score = scores + h * length;
+        float best = -INFINITY;
+        for (int64_t j = 0; j < length; j++) {
+            const float d = dot(query, keys + j * dim, dim) * scale;
+            score[j] = d;
+            best = d > best ? d : best;
+        }
+        const float total = exp_shifted(score, length, best); /* softmax, its maximum subtracted */
+        weighted_sum(dim, length, score, values, 1.0f / total, out + h * dim);
+    }
+}

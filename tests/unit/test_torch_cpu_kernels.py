@@ -16,6 +16,7 @@ from neuron.engines.torch_cpu_kernels import (
     FLAGS,
     SOURCE,
     CpuKernels,
+    DecodeAttention,
     Fp16Gemv,
     NativeLayer,
     build_cpu_kernels,
@@ -77,6 +78,16 @@ def _steps(decoder: DecoderModel, prompts: list[list[int]], steps: int) -> list[
     return seen
 
 
+def _steps_with_attention(decoder: DecoderModel, attention: DecodeAttention | None,
+                          prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
+    """`_steps` with ``attention`` as the decoder's decode attention (None: torch's)."""
+    decoder.decode_attention = attention
+    try:
+        return _steps(decoder, prompts, steps)
+    finally:
+        decoder.decode_attention = _kernels().decode_attention
+
+
 def test_the_engine_uses_the_kernel_for_float32_caches_on_a_cpu(model: TorchModel) -> None:
     assert model.decoder.decode_attention is _kernels().decode_attention
 
@@ -85,11 +96,7 @@ def test_the_kernel_gives_torch_attentions_numbers(model: TorchModel) -> None:
     decoder = model.decoder
     prompts = [[5, 9, 2, 7, 7, 3], [4, 4, 1], [8, 2, 6, 1, 3], [11, 3]]
     with_kernel = _steps(decoder, prompts, 12)
-    decoder.decode_attention = None
-    try:
-        with_torch = _steps(decoder, prompts, 12)
-    finally:
-        decoder.decode_attention = _kernels().decode_attention
+    with_torch = _steps_with_attention(decoder, None, prompts, 12)
     for ours, theirs in zip(with_kernel, with_torch, strict=True):
         assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
         assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
@@ -259,11 +266,7 @@ def test_without_avx2_the_library_builds_without_the_float16_kernels(
     decoder = model.decoder
     prompts = [[5, 9, 2, 7, 7, 3], [4, 4, 1], [8, 2, 6, 1, 3]]
     vectorized = _steps(decoder, prompts, 6)
-    decoder.decode_attention = kernels.decode_attention
-    try:
-        plain = _steps(decoder, prompts, 6)
-    finally:
-        decoder.decode_attention = _kernels().decode_attention
+    plain = _steps_with_attention(decoder, kernels.decode_attention, prompts, 6)
     for ours, theirs in zip(plain, vectorized, strict=True):
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
