@@ -112,8 +112,8 @@ class NeuronSettings:
     """KV cache of finished sequences kept per model for prompts that start the same way
     (``neuron.engines.torch_prefix``); 0: prefixes are shared only between running sequences."""
     native_kernels: bool = True
-    """On the CPU, decode attention, norms and (with float16 weights) whole layers in C kernels
-    built with the machine's compiler on first use (``neuron.engines.torch_cpu_kernels``;
+    """On the CPU, decode attention, norms and (float16 or float32 weights) whole layers in C
+    kernels built with the machine's compiler on first use (``neuron.engines.torch_cpu_kernels``;
     torch's where they cannot be built)."""
     torch_threads: int | None = None
     """On the CPU, torch's threads for the linear layers' matrix products; None: every core.

@@ -8,22 +8,23 @@
  *
  * cortex_rms_norm: RMSNorm of each row, computed alone.
  *
- * cortex_fp16_gemv (one row) and cortex_fp16_gemm (any number): rows times float16 weights,
- * each output a chain of fused multiply-adds over k in order from zero: the sums fbgemm's
- * float16 kernels for three to six rows make, bit for bit, so a row gets the same numbers in
- * any batch. Only where the compiler targets AVX2, F16C and FMA (cortex_has_fp16_gemv).
+ * cortex_panel_product: rows times float16 or float32 weights, each output a chain of fused
+ * multiply-adds over k in order from zero (for float16, the sums fbgemm's kernels for three to
+ * six rows make, bit for bit), so a row gets the same numbers in any batch. Only where the
+ * compiler targets AVX2, F16C and FMA (cortex_has_panel_product).
  *
- * cortex_layer_attention_in and cortex_layer_attention_out: a decoder layer of float16 weights
- * but its attention, for any rows, each row alone (with the float16 kernels only). */
+ * cortex_layer_attention_in and cortex_layer_attention_out: a decoder layer of float16 or
+ * float32 weights but its attention, for any rows, each row alone (where cortex_panel_product
+ * is built). */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #include <immintrin.h>
-#define CORTEX_FP16_GEMV 1
+#define CORTEX_PANELS 1
 #else
-#define CORTEX_FP16_GEMV 0
+#define CORTEX_PANELS 0
 #endif
 
 /* One sequence's new token at one key/value head: attend the `group` query heads that share it
@@ -64,7 +65,7 @@ void cortex_decode_attention(
     }
 }
 
-#if !CORTEX_FP16_GEMV
+#if !CORTEX_PANELS
 /* attend_group's steps without AVX2: plain loops (the compiler vectorizes what it can). */
 static inline float dot(const float *a, const float *b, int64_t n) {
     float total = 0.0f;
@@ -113,34 +114,41 @@ void cortex_rms_norm(int64_t rows, int64_t n, const float *x, const float *weigh
     }
 }
 
-/* 1 where cortex_fp16_gemv was built (AVX2, F16C and FMA), else 0. */
-int cortex_has_fp16_gemv(void) { return CORTEX_FP16_GEMV; }
+/* 1 where cortex_panel_product and the layer kernels were built (AVX2, F16C and FMA), else 0. */
+int cortex_has_panel_product(void) { return CORTEX_PANELS; }
 
-#if CORTEX_FP16_GEMV
-/* out[o] = x . w[o] for o < 64 * panels; w as float16 panels of 64 outputs, each four strips of
- * 16 outputs one after another: [panels][4][k][16] (each strip one stream through memory).
- * The panels are shared out over `threads` OpenMP threads (torch's libgomp, the calling thread's
+#if CORTEX_PANELS
+/* Eight weights at element `index` of float16 (f32 = 0) or float32 (f32 = 1) panels, as floats.
+ * The kernels below take f32 as a constant: each is compiled once per weight type. */
+static inline __attribute__((always_inline)) __m256 load8(const void *weights, int64_t index,
+                                                          const int f32) {
+    if (f32) return _mm256_loadu_ps((const float *)weights + index);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)weights + index)));
+}
+
+/* out[o] = x . w[o] for o < 64 * panels; w as panels of 64 outputs, each four strips of 16
+ * outputs one after another: [panels][4][k][16] (each strip one stream through memory). The
+ * panels are shared out over `threads` OpenMP threads (torch's libgomp, the calling thread's
  * pool); each panel's sums are the same whoever computes it. */
-void cortex_fp16_gemv(int64_t panels, int64_t k, const float *x, const uint16_t *weights,
-                      float *out, int64_t threads) {
+static inline __attribute__((always_inline)) void gemv(
+    int64_t panels, int64_t k, const float *x, const void *weights, float *out, int64_t threads,
+    const int f32) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t p = 0; p < panels; p++) {
-        const uint16_t *w0 = weights + p * k * 64, *w1 = w0 + 16 * k, *w2 = w1 + 16 * k,
-                       *w3 = w2 + 16 * k;
+        const int64_t w0 = p * k * 64, w1 = w0 + 16 * k, w2 = w1 + 16 * k, w3 = w2 + 16 * k;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
                a7 = a0;
         for (int64_t i = 0; i < k; i++) {
             const __m256 xi = _mm256_set1_ps(x[i]);
-            const __m128i *s0 = (const __m128i *)(w0 + i * 16), *s1 = (const __m128i *)(w1 + i * 16),
-                          *s2 = (const __m128i *)(w2 + i * 16), *s3 = (const __m128i *)(w3 + i * 16);
-            a0 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s0)), a0);
-            a1 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s0 + 1)), a1);
-            a2 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s1)), a2);
-            a3 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s1 + 1)), a3);
-            a4 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s2)), a4);
-            a5 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s2 + 1)), a5);
-            a6 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s3)), a6);
-            a7 = _mm256_fmadd_ps(xi, _mm256_cvtph_ps(_mm_loadu_si128(s3 + 1)), a7);
+            const int64_t at = i * 16;
+            a0 = _mm256_fmadd_ps(xi, load8(weights, w0 + at, f32), a0);
+            a1 = _mm256_fmadd_ps(xi, load8(weights, w0 + at + 8, f32), a1);
+            a2 = _mm256_fmadd_ps(xi, load8(weights, w1 + at, f32), a2);
+            a3 = _mm256_fmadd_ps(xi, load8(weights, w1 + at + 8, f32), a3);
+            a4 = _mm256_fmadd_ps(xi, load8(weights, w2 + at, f32), a4);
+            a5 = _mm256_fmadd_ps(xi, load8(weights, w2 + at + 8, f32), a5);
+            a6 = _mm256_fmadd_ps(xi, load8(weights, w3 + at, f32), a6);
+            a7 = _mm256_fmadd_ps(xi, load8(weights, w3 + at + 8, f32), a7);
         }
         float *o = out + p * 64;
         _mm256_storeu_ps(o + 0, a0);
@@ -154,18 +162,19 @@ void cortex_fp16_gemv(int64_t panels, int64_t k, const float *x, const uint16_t 
     }
 }
 
-/* Rows [0, R) of x times one strip of 16 outputs (w: its first weight), into out:
- * one chain of fused multiply-adds per output and row, as in cortex_fp16_gemv. */
+/* Rows [0, R) of x times one strip of 16 outputs (its first weight at element `w`), into out:
+ * one chain of fused multiply-adds per output and row, as in gemv. */
 static inline __attribute__((always_inline)) void rows_times_16(
-    const int R, int64_t k, const float *x, const uint16_t *w, float *out, int64_t out_stride) {
+    const int R, int64_t k, const float *x, const void *weights, int64_t w, float *out,
+    int64_t out_stride, const int f32) {
     __m256 acc[6][2];
     for (int r = 0; r < R; r++) {
         acc[r][0] = _mm256_setzero_ps();
         acc[r][1] = _mm256_setzero_ps();
     }
     for (int64_t i = 0; i < k; i++) {
-        const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i * 16)));
-        const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i * 16 + 8)));
+        const __m256 w0 = load8(weights, w + i * 16, f32);
+        const __m256 w1 = load8(weights, w + i * 16 + 8, f32);
         for (int r = 0; r < R; r++) {
             const __m256 xr = _mm256_broadcast_ss(x + r * k + i);
             acc[r][0] = _mm256_fmadd_ps(xr, w0, acc[r][0]);
@@ -178,29 +187,47 @@ static inline __attribute__((always_inline)) void rows_times_16(
     }
 }
 
-/* out = x W^T for `rows` rows x ([rows][k], contiguous) and the panels of cortex_fp16_gemv;
- * out is [rows][64 * panels]. Rows go six at a time, 16 outputs at a time; every output's sum is
- * the same chain whatever the rows around it. */
-void cortex_fp16_gemm(int64_t rows, int64_t panels, int64_t k, const float *x,
-                      const uint16_t *weights, float *out, int64_t threads) {
+/* out = x W^T for `rows` rows x ([rows][k], contiguous) and the panels of gemv; out is
+ * [rows][64 * panels]. Rows go six at a time, 16 outputs at a time; every output's sum is the
+ * same chain whatever the rows around it. */
+static inline __attribute__((always_inline)) void gemm(
+    int64_t rows, int64_t panels, int64_t k, const float *x, const void *weights, float *out,
+    int64_t threads, const int f32) {
     const int64_t n = panels * 64;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t p = 0; p < panels; p++) {
         for (int64_t sub = 0; sub < 4; sub++) {
-            const uint16_t *w = weights + (p * 4 + sub) * k * 16;
+            const int64_t w = (p * 4 + sub) * k * 16;
             for (int64_t first = 0; first < rows; first += 6) {
                 const float *xr = x + first * k;
                 float *o = out + first * n + p * 64 + sub * 16;
                 switch (rows - first < 6 ? rows - first : 6) {
-                    case 1: rows_times_16(1, k, xr, w, o, n); break;
-                    case 2: rows_times_16(2, k, xr, w, o, n); break;
-                    case 3: rows_times_16(3, k, xr, w, o, n); break;
-                    case 4: rows_times_16(4, k, xr, w, o, n); break;
-                    case 5: rows_times_16(5, k, xr, w, o, n); break;
-                    default: rows_times_16(6, k, xr, w, o, n); break;
+                    case 1: rows_times_16(1, k, xr, weights, w, o, n, f32); break;
+                    case 2: rows_times_16(2, k, xr, weights, w, o, n, f32); break;
+                    case 3: rows_times_16(3, k, xr, weights, w, o, n, f32); break;
+                    case 4: rows_times_16(4, k, xr, weights, w, o, n, f32); break;
+                    case 5: rows_times_16(5, k, xr, weights, w, o, n, f32); break;
+                    default: rows_times_16(6, k, xr, weights, w, o, n, f32); break;
                 }
             }
         }
+    }
+}
+
+/* The products of `rows` rows: a row at a time through gemv for one or two rows (it reads the
+ * weights fastest), six at a time otherwise; the same sums either way. out: [rows][64 * panels].
+ * float32 (f32 = 1) or float16 (0) panels. */
+void cortex_panel_product(int64_t rows, int64_t panels, int64_t k, const float *x,
+                          const void *weights, int64_t f32, float *out, int64_t threads) {
+    if (rows <= 2) {
+        for (int64_t r = 0; r < rows; r++) {
+            if (f32) gemv(panels, k, x + r * k, weights, out + r * panels * 64, threads, 1);
+            else gemv(panels, k, x + r * k, weights, out + r * panels * 64, threads, 0);
+        }
+    } else if (f32) {
+        gemm(rows, panels, k, x, weights, out, threads, 1);
+    } else {
+        gemm(rows, panels, k, x, weights, out, threads, 0);
     }
 }
 
@@ -303,18 +330,6 @@ static void weighted_sum(int64_t dim, int64_t length, const float *weights, cons
     }
 }
 
-/* The float16 product of `rows` rows: a row at a time through the 64-wide kernel for one or
- * two rows, six at a time otherwise (the same sums either way). out: [rows][64 * panels]. */
-static void product(int64_t rows, int64_t panels, int64_t k, const float *x,
-                    const uint16_t *weights, float *out, int64_t threads) {
-    if (rows <= 2) {
-        for (int64_t r = 0; r < rows; r++)
-            cortex_fp16_gemv(panels, k, x + r * k, weights, out + r * panels * 64, threads);
-    } else {
-        cortex_fp16_gemm(rows, panels, k, x, weights, out, threads);
-    }
-}
-
 /* out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i] for n floats. */
 static void silu_times(int64_t n, const float *gate, const float *up, float *out) {
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
@@ -335,15 +350,17 @@ static void silu_times(int64_t n, const float *gate, const float *up, float *out
     }
 }
 
-/* One decoder layer's weights (float16 panels of cortex_fp16_gemv) and shape. */
+/* One decoder layer's weights (panels of cortex_panel_product, all float16 or all float32)
+ * and shape. */
 typedef struct {
     int64_t hidden, heads, kv_heads, dim, intermediate;
     int64_t qkv_panels, o_panels, gate_up_panels, down_panels;
+    int64_t float32; /* 1: float32 panels, 0: float16 */
     double eps;
     const float *input_norm, *post_norm; /* [hidden] */
     const float *q_norm, *k_norm;        /* [dim], NULL without per-head norms (Qwen3 has them) */
     const float *qkv_bias;               /* [(heads + 2 kv_heads) dim], NULL without (Qwen2) */
-    const uint16_t *qkv, *o, *gate_up, *down;
+    const void *qkv, *o, *gate_up, *down;
 } cortex_layer;
 
 /* Rotate-half RoPE of one head in place: x cos + (-x2, x1) sin, with the sine's first half
@@ -368,7 +385,8 @@ void cortex_layer_attention_in(const cortex_layer *layer, int64_t rows, const fl
     const int64_t rotated = layer->heads + layer->kv_heads;
     const int64_t outputs = (rotated + layer->kv_heads) * dim;
     cortex_rms_norm(rows, layer->hidden, x, layer->input_norm, (float)layer->eps, normed);
-    product(rows, layer->qkv_panels, layer->hidden, normed, layer->qkv, qkv, threads);
+    cortex_panel_product(rows, layer->qkv_panels, layer->hidden, normed, layer->qkv, layer->float32,
+                         qkv, threads);
     for (int64_t r = 0; r < rows; r++) {
         float *row = qkv + r * width;
         if (layer->qkv_bias != NULL)
@@ -393,14 +411,17 @@ void cortex_layer_attention_out(const cortex_layer *layer, int64_t rows, float *
     const int64_t hidden = layer->hidden, inner = layer->intermediate;
     const int64_t o_width = 64 * layer->o_panels, up_width = 64 * layer->gate_up_panels;
     const int64_t down_width = 64 * layer->down_panels;
-    product(rows, layer->o_panels, layer->heads * layer->dim, attended, layer->o, wide, threads);
+    cortex_panel_product(rows, layer->o_panels, layer->heads * layer->dim, attended, layer->o, layer->float32,
+                         wide, threads);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = 0; i < hidden; i++) x[r * hidden + i] += wide[r * o_width + i];
     cortex_rms_norm(rows, hidden, x, layer->post_norm, (float)layer->eps, normed);
-    product(rows, layer->gate_up_panels, hidden, normed, layer->gate_up, wide, threads);
+    cortex_panel_product(rows, layer->gate_up_panels, hidden, normed, layer->gate_up, layer->float32,
+                         wide, threads);
     for (int64_t r = 0; r < rows; r++)
         silu_times(inner, wide + r * up_width, wide + r * up_width + inner, act + r * inner);
-    product(rows, layer->down_panels, inner, act, layer->down, wide, threads);
+    cortex_panel_product(rows, layer->down_panels, inner, act, layer->down, layer->float32,
+                         wide, threads);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = 0; i < hidden; i++) x[r * hidden + i] += wide[r * down_width + i];
 }

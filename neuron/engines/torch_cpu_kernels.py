@@ -11,7 +11,7 @@ in a way that breaks batched == solo.
   they agree with torch's attention to about 1e-6 (tests).
 - **RMSNorm in one call** (`RmsNorm`): torch's fused norm runs six operations inside, about
   25 µs for one row; 61 norms per SmolLM2 step.
-- **Float16 weights times any number of rows** (`Fp16Gemv`). fbgemm's kernels for one and two
+- **Float16 weights times any number of rows** (`PanelProduct`). fbgemm's kernels for one and two
   rows sum differently from its kernels for three to six, so `Fp16Linear` padded a lone decode
   row to three (and 7, 14, 31... rows by one or two). This kernel's sums are those of fbgemm's
   three-to-six-row kernels bit for bit for any number of rows (a chain of fused multiply-adds
@@ -20,8 +20,11 @@ in a way that breaks batched == solo.
   row streams the weights once through a 64-wide kernel: a SmolLM2-135M step of one sequence
   took 27 ms against 36-38 ms with fbgemm's padded rows (both cores). From three rows it is
   within 5% of fbgemm at 16 rows and 15% slower at 32 (both cores; weights streamed from
-  memory as in a real step).
-- **Whole layers but attention in two calls** (`NativeLayer`), with float16 weights:
+  memory as in a real step). The same kernel takes float32 weights
+  (`neuron.engines.torch_quant.Fp32Linear`, ``quantize = "none"``): MKL's float32 product sums
+  a row differently alone and among others (1e-5 apart at 1 and 3 rows), this kernel does not.
+- **Whole layers but attention in two calls** (`NativeLayer`), with float16 or float32
+  weights:
   ``attention_in`` (input norm, q/k/v product and bias, Qwen3's head norms, RoPE) and
   ``attention_out`` (output product, residual, norm, gate/up product, SiLU times up, down
   product, residual). Through torch these were about forty operations per layer of mostly fixed
@@ -38,7 +41,7 @@ They are built on first use with the machine's C compiler (``$CC``, else ``cc``)
 ``$XDG_CACHE_HOME/cortex/kernels`` (``~/.cache``), named by a hash of the source, the flags, the
 compiler and the CPU's flags (``-march=native``: the library is for the machine that built
 it). Without a compiler, or if the build fails, the engine keeps torch's kernels and the
-neuron logs why, once; the float16 kernel needs AVX2, F16C and FMA.
+neuron logs why, once; the products and whole layers need AVX2, F16C and FMA.
 """
 
 from __future__ import annotations
@@ -63,10 +66,12 @@ from neuron.devices import cpu_flags
 logger = logging.getLogger(__name__)
 
 SOURCE: Final = Path(__file__).with_suffix(".c")
-#: Outputs per float16 weight panel (`Fp16Gemv`).
+#: Outputs per weight panel (`PanelProduct`).
 PANEL: Final = 64
 #: Outputs per strip of a panel: a panel is `PANEL` // `STRIP` strips, one after another.
 STRIP: Final = 16
+#: The weight types `PanelProduct` takes.
+PANEL_DTYPES: Final = (torch.half, torch.float32)
 FLAGS: Final = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 _BUILD_TIMEOUT_S: Final = 120
 _I64 = ctypes.c_int64
@@ -87,14 +92,14 @@ class CpuKernels:
         handle = ctypes.CDLL(str(library))
         self.decode_attention = DecodeAttention(handle)
         self.rms_norm = RmsNorm(handle)
-        self.fp16_gemv = Fp16Gemv(handle) if handle.cortex_has_fp16_gemv() else None
+        self.panel_product = PanelProduct(handle) if handle.cortex_has_panel_product() else None
         """None where the CPU lacks AVX2, F16C or FMA."""
         self._handle = handle
 
     def native_layer(self, weights: LayerWeights, threads: int) -> NativeLayer | None:
         """``weights`` as a `NativeLayer` whose products run on ``threads`` threads; None where
-        the CPU lacks AVX2, F16C or FMA (the layer kernels use the float16 ones)."""
-        if self.fp16_gemv is None:
+        the CPU lacks AVX2, F16C or FMA (the layer kernels use `PanelProduct`'s)."""
+        if self.panel_product is None:
             return None
         return NativeLayer(self._handle, weights, threads)
 
@@ -121,20 +126,17 @@ class RmsNorm:
         return out
 
 
-class Fp16Gemv:
-    """``y = x W^T`` for float16 ``W``, every output a chain of fused multiply-adds over the
-    inputs in order: the sums of fbgemm's kernels for three to six rows, for any number of
-    rows."""
+class PanelProduct:
+    """``y = x W^T`` for float16 or float32 ``W`` kept as panels (`panels`), every output a
+    chain of fused multiply-adds over the inputs in order, whatever the number of rows: for
+    float16 the sums of fbgemm's kernels for three to six rows. (MKL's float32 products sum a
+    row differently alone and among others: about 1e-5 apart at 1 and 3 rows.)"""
 
     def __init__(self, handle: ctypes.CDLL) -> None:
-        function = handle.cortex_fp16_gemv
+        function = handle.cortex_panel_product
         function.restype = None
-        function.argtypes = [_I64, _I64, _PTR, _PTR, _PTR, _I64]
+        function.argtypes = [_I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64]
         self._function = function
-        rows = handle.cortex_fp16_gemm
-        rows.restype = None
-        rows.argtypes = [_I64, _I64, _I64, _PTR, _PTR, _PTR, _I64]
-        self._rows = rows
 
     def multiply(self, x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
         """``x W^T`` for ``x`` float32 ``[rows, in]``: ``[rows, panels * PANEL]`` (the padded
@@ -144,33 +146,29 @@ class Fp16Gemv:
         count, strips, in_features, width = panels.shape
         rows = x.shape[0]
         if (x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features
-                or panels.dtype != torch.half or not panels.is_contiguous()
+                or panels.dtype not in PANEL_DTYPES or not panels.is_contiguous()
                 or (strips, width) != (PANEL // STRIP, STRIP)):
             raise ValueError("x and the panels disagree")
         x = x.contiguous()
         out = x.new_empty((rows, count * PANEL))
-        threads = torch.get_num_threads()
-        if rows <= 2:
-            for row in range(rows):
-                self._function(count, in_features, x[row].data_ptr(), panels.data_ptr(),
-                               out[row].data_ptr(), threads)
-        else:
-            self._rows(rows, count, in_features, x.data_ptr(), panels.data_ptr(),
-                       out.data_ptr(), threads)
+        self._function(rows, count, in_features, x.data_ptr(), panels.data_ptr(),
+                       panels.dtype == torch.float32, out.data_ptr(), torch.get_num_threads())
         return out
 
     @staticmethod
-    def panels(weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` (``[out, in]``, float16 values) as the kernel reads it: panels of
-        `PANEL` outputs, each `STRIP`-output strips one after another, ``[panels, PANEL /
-        STRIP, in, STRIP]`` float16 (outputs padded with zeros). A strip is one stream of
-        memory for the kernels (a whole panel row-major, ``[in, PANEL]``, made them skip
-        through memory: 13.5 against 19 GB/s for one row on one core, 49 against 63 GFLOP/s
-        for 16 rows)."""
+    def panels(weight: torch.Tensor, dtype: torch.dtype = torch.half) -> torch.Tensor:
+        """``weight`` (``[out, in]``) in ``dtype`` (float16 or float32) as the kernel reads
+        it: panels of `PANEL` outputs, each `STRIP`-output strips one after another,
+        ``[panels, PANEL / STRIP, in, STRIP]`` (outputs padded with zeros). A strip is one
+        stream of memory for the kernels (a whole panel row-major, ``[in, PANEL]``, made them
+        skip through memory: 13.5 against 19 GB/s for one row on one core, 49 against 63
+        GFLOP/s for 16 rows)."""
+        if dtype not in PANEL_DTYPES:
+            raise ValueError(f"no panels of {dtype}")
         out_features, in_features = weight.shape
         padded = -out_features % PANEL
-        half = torch.cat((weight.half(), weight.new_zeros(padded, in_features, dtype=torch.half)))
-        return half.view(-1, PANEL // STRIP, STRIP, in_features).transpose(2, 3).contiguous()
+        typed = torch.cat((weight.to(dtype), weight.new_zeros(padded, in_features, dtype=dtype)))
+        return typed.view(-1, PANEL // STRIP, STRIP, in_features).transpose(2, 3).contiguous()
 
 
 class DecodeAttention:
@@ -242,7 +240,7 @@ class DecodePlan:
 
 @runtime_checkable
 class PanelledLinear(Protocol):
-    """A linear layer that can keep its weights as `Fp16Gemv` panels
+    """A linear layer that can keep its weights as `PanelProduct` panels
     (`neuron.engines.torch_quant.Fp16Linear`)."""
 
     @property
@@ -259,7 +257,7 @@ class _LayerStruct(ctypes.Structure):
 
     _fields_ = [*[(name, _I64) for name in ("hidden", "heads", "kv_heads", "dim", "intermediate",
                                             "qkv_panels", "o_panels", "gate_up_panels",
-                                            "down_panels")],
+                                            "down_panels", "float32")],
                 ("eps", ctypes.c_double),
                 *[(name, _PTR) for name in ("input_norm", "post_norm", "q_norm", "k_norm",
                                             "qkv_bias", "qkv", "o", "gate_up", "down")]]
@@ -268,7 +266,7 @@ class _LayerStruct(ctypes.Structure):
 @dataclass(frozen=True, kw_only=True)
 class LayerWeights:
     """One decoder layer as `NativeLayer` reads it: float32 norm weights and bias, the linear
-    layers as float16 panels (`Fp16Gemv.panels`)."""
+    layers as panels, all float16 or all float32 (`PanelProduct.panels`)."""
 
     heads: int
     kv_heads: int
@@ -302,18 +300,21 @@ class LayerScratch:
 
 class NativeLayer:
     """A whole decoder layer but attention in two calls (`attention_in`, `attention_out`), for
-    float32 activations and float16 weights: the norms, the products (`Fp16Gemv`'s sums),
-    biases, RoPE, SiLU and the residual adds that torch runs as about forty operations of
-    mostly fixed cost per layer (a third of a SmolLM2-135M decode step of one sequence on a
-    CPU). Every row is computed alone, so a sequence's numbers do not depend on its batch."""
+    float32 activations and float16 or float32 weights: the norms, the products
+    (`PanelProduct`'s sums), biases, RoPE, SiLU and the residual adds that torch runs as about
+    forty operations of mostly fixed cost per layer (a third of a SmolLM2-135M decode step of
+    one sequence on a CPU). Every row is computed alone, so a sequence's numbers do not depend
+    on its batch."""
 
     def __init__(self, handle: ctypes.CDLL, weights: LayerWeights, threads: int) -> None:
         hidden = weights.input_norm.shape[0]
         dim = weights.head_dim
+        dtype = weights.qkv.dtype
         for tensor in (weights.qkv, weights.o, weights.gate_up, weights.down):
-            if (tensor.dtype != torch.half or not tensor.is_contiguous() or tensor.dim() != 4
+            if (tensor.dtype not in PANEL_DTYPES or tensor.dtype != dtype
+                    or not tensor.is_contiguous() or tensor.dim() != 4
                     or tuple(tensor.shape[1::2]) != (PANEL // STRIP, STRIP)):
-                raise ValueError("the layer's products must be float16 panels")
+                raise ValueError("the layer's products must be panels, all of one type")
         inner = weights.down.shape[2]
         qkv_outputs = (weights.heads + 2 * weights.kv_heads) * dim
         if (weights.qkv.shape[2] != hidden or weights.o.shape[2] != weights.heads * dim
@@ -344,7 +345,8 @@ class NativeLayer:
 
         self._struct = _LayerStruct(
             hidden, weights.heads, weights.kv_heads, dim, inner, weights.qkv.shape[0],
-            weights.o.shape[0], weights.gate_up.shape[0], weights.down.shape[0], weights.eps,
+            weights.o.shape[0], weights.gate_up.shape[0], weights.down.shape[0],
+            dtype == torch.float32, weights.eps,
             *[pointer(tensor) for tensor in vectors],
             *[pointer(tensor) for tensor in (weights.qkv, weights.o, weights.gate_up,
                                              weights.down)])

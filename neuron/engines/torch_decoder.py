@@ -462,7 +462,7 @@ class DecoderModel(nn.Module):
     def use_cpu_kernels(self, kernels: CpuKernels) -> None:
         """Run decode attention and the float32 norms in the CPU kernels, and, where every
         layer keeps float16 panels (after `neuron.engines.torch_quant.quantize` with the
-        kernels' `Fp16Gemv`), the rest of each layer too (`NativeLayer`)."""
+        kernels' `PanelProduct`), the rest of each layer too (`NativeLayer`)."""
         self.decode_attention = kernels.decode_attention
         for module in self.modules():
             if isinstance(module, RMSNorm):

@@ -39,6 +39,7 @@ from neuron.engines.torch_quant import (
     WeightKind,
     cpu_has_fast_bf16,
     fbgemm_fp16_available,
+    float32_panels,
     quantize,
 )
 from neuron.engines.torch_threads import OTHER_THREADS, cpu_cores
@@ -228,12 +229,14 @@ class TorchEngine:
             if self.native_kernels and self.dtype == torch.float32:
                 kernels = load_cpu_kernels()
         info = _model_info(files, model, self.device, self.dtype)
+        product = None if kernels is None else kernels.panel_product
         if self.weights is not None:
             progress(0.99, f"converting the linear weights to {self.weights}")
-            gemv = None if kernels is None else kernels.fp16_gemv
-            info = dataclasses.replace(info, memory_bytes=quantize(model, self.weights, gemv),
+            info = dataclasses.replace(info, memory_bytes=quantize(model, self.weights, product),
                                        dtype=f"{self.weights} (float32 activations)")
-        if kernels is not None:  # after quantize: whole layers need the float16 panels
+        elif product is not None:  # float32 weights: the kernel's sums, the same in any batch
+            info = dataclasses.replace(info, memory_bytes=float32_panels(model, product))
+        if kernels is not None:  # after the panels: whole layers need them
             model.use_cpu_kernels(kernels)
         logger.info(
             "loaded %s (%s, %s, %.1fM parameters, %.0f MiB, %s on %s) in %.2f s",

@@ -10,7 +10,9 @@ kernel, and float16 keeps the GGUF Q4 weights more exactly than int8 does. It ge
 a step in one call: its sums do not depend on the rows around a row, given a count of rows
 that `fp16_rows` accepts (others are padded). Where the engine built its CPU kernels
 (`neuron.engines.torch_cpu_kernels`), `Fp16Linear` runs their float16 product instead, with
-fbgemm's sums for every count of rows and nothing padded.
+fbgemm's sums for every count of rows and nothing padded. With those kernels, float32 weights
+(``quantize = "none"``) are kept as their panels too (`Fp32Linear`, `float32_panels`): MKL's
+float32 product gives a row different last bits alone and among others.
 
 For int8 and int4, each forward pass picks a kernel per *entry* (a sequence's new tokens,
 `RowPlan`), never per batch, so a sequence's numbers do not depend on who shares its step:
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuron.devices import cpu_flags
-from neuron.engines.torch_cpu_kernels import Fp16Gemv
+from neuron.engines.torch_cpu_kernels import PanelProduct
 from neuron.engines.torch_decoder import DecoderModel, RowPlan
 
 #: A prompt piece of at least this many rows is multiplied in float32 (dequantised weights).
@@ -199,37 +201,37 @@ def fbgemm_fp16_available() -> bool:
 class Fp16Linear(nn.Module):
     """``y = x W^T + b`` with ``W`` in float16; ``x`` and ``y`` float32.
 
-    With ``gemv`` (`neuron.engines.torch_cpu_kernels`), the weights are kept as its panels and
-    every call runs it: the sums of fbgemm's three-to-six-row kernels for any number of rows,
+    With ``product`` (`neuron.engines.torch_cpu_kernels`), the weights are kept as its panels
+    and every call runs it: the sums of fbgemm's three-to-six-row kernels for any number of rows,
     so nothing is padded, and a lone decode row reads the weights once instead of as three
     rows. Without it, fbgemm's packed weights and kernels, calls padded per `fp16_rows`."""
 
-    def __init__(self, linear: nn.Linear, gemv: Fp16Gemv | None = None) -> None:
+    def __init__(self, linear: nn.Linear, product: PanelProduct | None = None) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self._bias = None if linear.bias is None else linear.bias.detach().float()
         packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(),
                                                          self._bias)
-        self._gemv = gemv
-        self._packed = None if gemv is not None else packed
+        self._product = product
+        self._packed = None if product is not None else packed
         self._panels: torch.Tensor | None = None
         weight_bytes = 2 * self.in_features * self.out_features
-        if gemv is not None:  # fbgemm's float16 values, so both paths multiply the same weights
-            self._panels = gemv.panels(torch.ops.quantized.linear_unpack_fp16(packed)[0])
+        if product is not None:  # fbgemm's float16 values: both paths multiply the same weights
+            self._panels = product.panels(torch.ops.quantized.linear_unpack_fp16(packed)[0])
             weight_bytes = self._panels.numel() * self._panels.element_size()
         self._nbytes = weight_bytes + (0 if self._bias is None else 4 * self.out_features)
-        self._zeros = torch.zeros(0 if gemv is not None else 2, self.in_features)
+        self._zeros = torch.zeros(0 if product is not None else 2, self.in_features)
         """Padding rows (fbgemm)."""
 
     @property
-    def uses_gemv(self) -> bool:
-        """Whether calls run the `Fp16Gemv` kernel rather than fbgemm."""
+    def uses_panels(self) -> bool:
+        """Whether calls run the `PanelProduct` kernel rather than fbgemm."""
         return self._panels is not None
 
     @property
     def panels(self) -> torch.Tensor | None:
-        """The weights as the `Fp16Gemv` kernel's panels; None on fbgemm."""
+        """The weights as the `PanelProduct` kernel's panels; None on fbgemm."""
         return self._panels
 
     @property
@@ -239,8 +241,8 @@ class Fp16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
-        if self._gemv is not None and self._panels is not None:
-            out = self._gemv.multiply(flat, self._panels)[:, : self.out_features]
+        if self._product is not None and self._panels is not None:
+            out = self._product.multiply(flat, self._panels)[:, : self.out_features]
             if self._bias is not None:
                 out = out + self._bias
         else:
@@ -260,28 +262,83 @@ class Fp16Linear(nn.Module):
         return self._nbytes
 
 
+class Fp32Linear(nn.Module):
+    """``y = x W^T + b`` with float32 ``W`` kept as `PanelProduct` panels: every row the same
+    sums in any batch (MKL's float32 product gives a row different last bits alone and among
+    others), so a sequence's output is the same alone or batched with float32 weights too."""
+
+    def __init__(self, linear: nn.Linear, product: PanelProduct) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self._bias = None if linear.bias is None else linear.bias.detach().float()
+        self._product = product
+        self._panels = product.panels(linear.weight.detach(), torch.float32)
+
+    @property
+    def panels(self) -> torch.Tensor:
+        """The weights as the `PanelProduct` kernel's panels."""
+        return self._panels
+
+    @property
+    def bias_values(self) -> torch.Tensor | None:
+        """The float32 bias, if any."""
+        return self._bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        out = self._product.multiply(flat, self._panels)[:, : self.out_features]
+        if self._bias is not None:
+            out = out + self._bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def nbytes(self) -> int:
+        return self._panels.numel() * 4 + (0 if self._bias is None else 4 * self.out_features)
+
+
 WeightKind = Literal["fp16", "int8", "int4"]
 
 
-def quantize(model: DecoderModel, kind: WeightKind, gemv: Fp16Gemv | None = None) -> int:
-    """Replace ``model``'s linear layers with `Fp16Linear` (running ``gemv`` where given),
+def quantize(model: DecoderModel, kind: WeightKind, product: PanelProduct | None = None) -> int:
+    """Replace ``model``'s linear layers with `Fp16Linear` (running ``product`` where given),
     `Int8Linear` or `Int4Linear` in place (layers of shapes the int kernels do not take stay
     float32); returns the bytes the model's weights take afterwards."""
     model.float()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            match kind:
-                case "fp16":
-                    setattr(parent, name, Fp16Linear(child, gemv))
-                case "int8" | "int4":
-                    packed = Int8Linear if kind == "int8" else Int4Linear
-                    if packed.fits(child):
-                        setattr(parent, name, packed(child, model.row_plan))
-                case _:
-                    assert_never(kind)
+    for parent, name, child in _linear_layers(model):
+        match kind:
+            case "fp16":
+                setattr(parent, name, Fp16Linear(child, product))
+            case "int8" | "int4":
+                packed = Int8Linear if kind == "int8" else Int4Linear
+                if packed.fits(child):
+                    setattr(parent, name, packed(child, model.row_plan))
+            case _:
+                assert_never(kind)
+    return _weight_bytes(model)
+
+
+def float32_panels(model: DecoderModel, product: PanelProduct) -> int:
+    """Keep ``model``'s float32 linear layers as `Fp32Linear` (``product``'s panels) in place;
+    returns the bytes the model's weights take afterwards.
+
+    An LM head tied to the embeddings stays as it is: panels would be a second copy of the
+    largest matrix (a gigabyte for a 1B model's vocabulary in float32), for a difference in
+    the logits' last bits between a row alone and in a batch."""
+    shared = {id(p) for p in model.embed_tokens.parameters()}
+    for parent, name, child in _linear_layers(model):
+        if (child.weight.dtype == torch.float32 and not child.weight.is_cuda
+                and id(child.weight) not in shared):
+            setattr(parent, name, Fp32Linear(child, product))
+    return _weight_bytes(model)
+
+
+def _linear_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    return [(parent, name, child) for parent in list(model.modules())
+            for name, child in list(parent.named_children()) if isinstance(child, nn.Linear)]
+
+
+def _weight_bytes(model: nn.Module) -> int:
     params = {id(p): p for p in model.parameters()}.values()
     size = sum(p.numel() * p.element_size() for p in params)
     return size + sum(m.nbytes() for m in model.modules()
-                      if isinstance(m, _QuantLinear | Fp16Linear))
+                      if isinstance(m, _QuantLinear | Fp16Linear | Fp32Linear))

@@ -17,8 +17,8 @@ from neuron.engines.torch_cpu_kernels import (
     SOURCE,
     CpuKernels,
     DecodeAttention,
-    Fp16Gemv,
     NativeLayer,
+    PanelProduct,
     build_cpu_kernels,
     load_cpu_kernels,
 )
@@ -30,7 +30,13 @@ from neuron.engines.torch_decoder import (
     RMSNorm,
 )
 from neuron.engines.torch_engine import TorchEngine, TorchModel
-from neuron.engines.torch_quant import Fp16Linear, fbgemm_fp16_available, quantize
+from neuron.engines.torch_quant import (
+    Fp16Linear,
+    Fp32Linear,
+    fbgemm_fp16_available,
+    float32_panels,
+    quantize,
+)
 from tests.support.tiny_models import TinyModel, build_tiny_llama
 
 
@@ -166,10 +172,10 @@ def test_native_kernels_false_keeps_torch_attention(tiny: TinyModel) -> None:
         model.close()
 
 
-def _gemv() -> Fp16Gemv:
-    gemv = _kernels().fp16_gemv
-    assert gemv is not None, "these machines have AVX2, F16C and FMA"
-    return gemv
+def _product() -> PanelProduct:
+    product = _kernels().panel_product
+    assert product is not None, "these machines have AVX2, F16C and FMA"
+    return product
 
 
 @pytest.mark.parametrize(("out_features", "in_features", "bias"),
@@ -185,7 +191,7 @@ def test_the_kernel_gives_every_row_the_numbers_fbgemm_gives_it_in_a_batch(
     linear = torch.nn.Linear(in_features, out_features, bias=bias)
     with torch.no_grad():
         linear.weight.mul_(3)  # weights that float16 rounds
-    kernel, plain = Fp16Linear(linear, _gemv()), Fp16Linear(linear)
+    kernel, plain = Fp16Linear(linear, _product()), Fp16Linear(linear)
     x = torch.randn(40, in_features)
     batch = plain(x)  # forty rows: blocks of six and four, none of one or two
     with torch.inference_mode():
@@ -203,8 +209,8 @@ def test_the_engine_gives_float16_layers_the_kernel(tiny: TinyModel) -> None:
                                                                        _ignore)
     try:
         layers = [m for m in with_kernel.decoder.modules() if isinstance(m, Fp16Linear)]
-        assert layers and all(m.uses_gemv for m in layers)
-        assert not any(m.uses_gemv for m in without.decoder.modules()
+        assert layers and all(m.uses_panels for m in layers)
+        assert not any(m.uses_panels for m in without.decoder.modules()
                        if isinstance(m, Fp16Linear))
         # one copy of the weights either way (the kernel's panels pad outputs to 64)
         assert 0 <= with_kernel.info.memory_bytes - without.info.memory_bytes < 0.05 * (
@@ -255,7 +261,7 @@ def test_without_avx2_the_library_builds_without_the_float16_kernels(
     subprocess.run([_kernel_compiler(), *flags, "-march=x86-64", "-o", str(library), str(SOURCE),
                     "-lm"], check=True, capture_output=True, timeout=120)
     kernels = CpuKernels(library)
-    assert kernels.fp16_gemv is None
+    assert kernels.panel_product is None
     x, weight = torch.randn(2, 64), torch.rand(64)
     assert torch.allclose(kernels.rms_norm(x, weight, 1e-6), _kernels().rms_norm(x, weight, 1e-6),
                           rtol=1e-5, atol=1e-6)
@@ -271,9 +277,11 @@ def test_without_avx2_the_library_builds_without_the_float16_kernels(
         assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def _random_decoder(*, attention_bias: bool, qk_norm: bool) -> DecoderModel:
+def _random_decoder(*, attention_bias: bool, qk_norm: bool,
+                    float32: bool = False) -> DecoderModel:
     """A small decoder with random weights, its linear layers as the kernel's float16 panels
-    (the engine's CPU default), then the CPU kernels: every layer runs in them."""
+    (the engine's CPU default) or float32 ones, then the CPU kernels: every layer runs in
+    them."""
     config = DecoderConfig(architecture="qwen3" if qk_norm else "qwen2" if attention_bias
                            else "llama", vocab_size=300, hidden_size=96, intermediate_size=200,
                            num_layers=3, num_heads=6, num_kv_heads=2, head_dim=16,
@@ -287,21 +295,26 @@ def _random_decoder(*, attention_bias: bool, qk_norm: bool) -> DecoderModel:
             else:
                 parameter.copy_(torch.randn_like(parameter) / parameter.shape[-1] ** 0.5)
     decoder.requires_grad_(False)
-    quantize(decoder, "fp16", _gemv())
+    if float32:
+        float32_panels(decoder, _product())
+    else:
+        quantize(decoder, "fp16", _product())
     decoder.use_cpu_kernels(_kernels())
     return decoder
 
 
-@pytest.mark.parametrize(("attention_bias", "qk_norm"), [(False, False), (True, False),
-                                                         (False, True)])
-def test_whole_layers_in_the_kernels_give_torchs_numbers(attention_bias: bool,
-                                                         qk_norm: bool) -> None:
-    """Llama, Qwen2's q/k/v biases and Qwen3's head norms: the same logits as the layers
-    through torch (same products, torch's norms, RoPE, SiLU and adds) over prefill, mixed and
-    decode steps, and each sequence the same numbers alone as in the batch."""
+@pytest.mark.parametrize(("attention_bias", "qk_norm", "float32"),
+                         [(False, False, False), (True, False, False), (False, True, False),
+                          (True, False, True)])
+def test_whole_layers_in_the_kernels_give_torchs_numbers(attention_bias: bool, qk_norm: bool,
+                                                         float32: bool) -> None:
+    """Llama, Qwen2's q/k/v biases and Qwen3's head norms, float16 or float32 weights: the
+    same logits as the layers through torch (same products, torch's norms, RoPE, SiLU and
+    adds) over prefill, mixed and decode steps, and each sequence the same numbers alone as in
+    the batch."""
     if not fbgemm_fp16_available():
         pytest.skip("this torch build has no fbgemm")
-    decoder = _random_decoder(attention_bias=attention_bias, qk_norm=qk_norm)
+    decoder = _random_decoder(attention_bias=attention_bias, qk_norm=qk_norm, float32=float32)
     layers = [layer for layer in decoder.layers if isinstance(layer, DecoderLayer)]
     natives = [layer.native for layer in layers]
     assert all(native is not None for native in natives)
@@ -339,3 +352,32 @@ def test_a_layer_refuses_rows_that_do_not_fit_it() -> None:
         native.attention_out(torch.zeros(2, 96), torch.zeros(2, 95), scratch)
     with pytest.raises(ValueError, match="RoPE"):
         native.scratch(3, cos, sin)
+
+
+def test_float32_weights_give_a_row_the_same_numbers_in_any_batch() -> None:
+    """``quantize = "none"`` on a CPU: the kernel's float32 panels (MKL's float32 product sums a
+    row differently alone and among others)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(576, 1000)
+    layer = Fp32Linear(linear, _product())
+    x = torch.randn(40, 576)
+    with torch.inference_mode():
+        batch = layer(x)
+        assert torch.allclose(batch, linear(x), rtol=1e-5, atol=1e-5)
+        for rows in (1, 2, 3, 7, 16):
+            assert torch.equal(layer(x[:rows]), batch[:rows]), rows
+    assert layer.nbytes() == 4 * (1024 * 576 + 1000)  # outputs padded to 64
+
+
+def test_the_engine_keeps_float32_layers_as_panels_and_a_tied_head_shared(
+        tmp_path: Path) -> None:
+    tied = build_tiny_llama(tmp_path, seed=4, tie_embeddings=True)
+    model = TorchEngine(dtype="float32").load(tied.safetensors_files(), _ignore)
+    try:
+        decoder = model.decoder
+        layers = [m for m in decoder.layers.modules() if isinstance(m, Fp32Linear)]
+        assert len(layers) == 4 * len(decoder.layers)
+        assert all(layer.native is not None for layer in decoder.layers)
+        assert decoder.lm_head.weight is decoder.embed_tokens.weight
+    finally:
+        model.close()
