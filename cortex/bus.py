@@ -182,12 +182,14 @@ class JobStream:
         cancel the job on its neuron. The reader raises `fell_behind` when it next reads."""
         error = self.fell_behind
         assert error is not None
-        log.warning("job=%s %s on %s", self.job.job_id, error, self.node or "(not accepted)")
         while not self._queue.empty():
             self._queue.get_nowait()
         self._backlog_bytes = 0
         node = self.node
         self.close()
+        # logged once the job's place on its node is given back, so whoever reads the log (a
+        # test, an operator) sees the gateway's accounting already settled
+        log.warning("job=%s %s on %s", self.job.job_id, error, node or "(not accepted)")
         if not self.finished and node is not None:
             await self._bus.cancel(node, self.job.job_id, "the client fell too far behind")
 
