@@ -155,6 +155,12 @@ class PanelProduct:
                        panels.dtype == torch.float32, out.data_ptr(), torch.get_num_threads())
         return out
 
+    def linear(self, x: torch.Tensor, panels: torch.Tensor, out_features: int,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """``x W^T + b``, ``[rows, out_features]`` (`multiply` without the padded outputs)."""
+        out = self.multiply(x, panels)[:, :out_features]
+        return out if bias is None else out + bias
+
     @staticmethod
     def panels(weight: torch.Tensor, dtype: torch.dtype = torch.half) -> torch.Tensor:
         """``weight`` (``[out, in]``) in ``dtype`` (float16 or float32) as the kernel reads

@@ -242,9 +242,7 @@ class Fp16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
         if self._product is not None and self._panels is not None:
-            out = self._product.multiply(flat, self._panels)[:, : self.out_features]
-            if self._bias is not None:
-                out = out + self._bias
+            out = self._product.linear(flat, self._panels, self.out_features, self._bias)
         else:
             out = self._fbgemm(flat)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -287,9 +285,7 @@ class Fp32Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
-        out = self._product.multiply(flat, self._panels)[:, : self.out_features]
-        if self._bias is not None:
-            out = out + self._bias
+        out = self._product.linear(flat, self._panels, self.out_features, self._bias)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def nbytes(self) -> int:
