@@ -385,8 +385,8 @@ void cortex_layer_attention_in(const cortex_layer *layer, int64_t rows, const fl
     const int64_t rotated = layer->heads + layer->kv_heads;
     const int64_t outputs = (rotated + layer->kv_heads) * dim;
     cortex_rms_norm(rows, layer->hidden, x, layer->input_norm, (float)layer->eps, normed);
-    cortex_panel_product(rows, layer->qkv_panels, layer->hidden, normed, layer->qkv, layer->float32,
-                         qkv, threads);
+    cortex_panel_product(rows, layer->qkv_panels, layer->hidden, normed, layer->qkv,
+                         layer->float32, qkv, threads);
     for (int64_t r = 0; r < rows; r++) {
         float *row = qkv + r * width;
         if (layer->qkv_bias != NULL)
@@ -411,13 +411,13 @@ void cortex_layer_attention_out(const cortex_layer *layer, int64_t rows, float *
     const int64_t hidden = layer->hidden, inner = layer->intermediate;
     const int64_t o_width = 64 * layer->o_panels, up_width = 64 * layer->gate_up_panels;
     const int64_t down_width = 64 * layer->down_panels;
-    cortex_panel_product(rows, layer->o_panels, layer->heads * layer->dim, attended, layer->o, layer->float32,
-                         wide, threads);
+    cortex_panel_product(rows, layer->o_panels, layer->heads * layer->dim, attended, layer->o,
+                         layer->float32, wide, threads);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t i = 0; i < hidden; i++) x[r * hidden + i] += wide[r * o_width + i];
     cortex_rms_norm(rows, hidden, x, layer->post_norm, (float)layer->eps, normed);
-    cortex_panel_product(rows, layer->gate_up_panels, hidden, normed, layer->gate_up, layer->float32,
-                         wide, threads);
+    cortex_panel_product(rows, layer->gate_up_panels, hidden, normed, layer->gate_up,
+                         layer->float32, wide, threads);
     for (int64_t r = 0; r < rows; r++)
         silu_times(inner, wide + r * up_width, wide + r * up_width + inner, act + r * inner);
     cortex_panel_product(rows, layer->down_panels, inner, act, layer->down, layer->float32,

@@ -247,7 +247,7 @@ class DecodePlan:
 @runtime_checkable
 class PanelledLinear(Protocol):
     """A linear layer that can keep its weights as `PanelProduct` panels
-    (`neuron.engines.torch_quant.Fp16Linear`)."""
+    (`neuron.engines.torch_quant.Fp16Linear` and ``Fp32Linear``)."""
 
     @property
     def panels(self) -> torch.Tensor | None:
