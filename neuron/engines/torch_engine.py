@@ -150,9 +150,10 @@ class TorchEngine:
                 where fbgemm is there, else int8; elsewhere as ``dtype``; ``none``.
             prefix_cache_mb: per model, KV cache of finished sequences kept for prompts that
                 start the same way (`neuron.engines.torch_prefix`).
-            native_kernels: on the CPU with float32 activations, decode attention and float16
-                products in the C kernels of `neuron.engines.torch_cpu_kernels` (built on
-                first use; torch's and fbgemm's kernels where they cannot be).
+            native_kernels: on the CPU with float32 activations, decode attention, norms and
+                (float16 or float32 weights) whole layers in the C kernels of
+                `neuron.engines.torch_cpu_kernels` (built on first use; torch's and fbgemm's
+                kernels where they cannot be).
 
         Raises:
             ValueError: an unknown device or dtype, a non-positive chunk size or thread count,
